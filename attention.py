@@ -1,0 +1,86 @@
+"""The self-attention block of SAGAN (Zhang et al. 2018), with a fused path and an explicit one.
+
+Each pixel's feature vector (a column of the (B, C, H, W) map, N = H*W pixels) queries every
+pixel's key; the softmax over keys weights the values, and the result is added back to the input
+scaled by a learned gamma that starts at 0, so the block is the identity at initialisation.
+
+The fused path calls F.scaled_dot_product_attention and never materialises the N x N map. Torch's
+CPU flash kernel needs query, key and value of equal width, but SAGAN's query/key are narrower than
+its value; zero-padding query and key to the value's width leaves every dot product, hence every
+output and gradient, exactly as it was. The explicit path builds the map and returns it, for pictures.
+"""
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectral import maybe_spectral_norm
+
+AttentionVariant = Literal["original", "paper"]
+ATTENTION_VARIANTS = ("original", "paper")
+
+
+class SelfAttention(nn.Module):
+    """SAGAN self-attention over the H*W pixels of a (B, C, H, W) feature map.
+
+    variant='original' (the original project): query/key C/2, value C, full-resolution keys.
+    variant='paper' (the SAGAN authors' release, BigGAN): query/key C/8, value C/2, keys and values
+    2x2 max-pooled, and a 1x1 output conv back to C channels.
+    """
+
+    def __init__(self, channels: int, variant: AttentionVariant = "original", spectral_norm: bool = False):
+        super().__init__()
+        if variant not in ATTENTION_VARIANTS:
+            raise ValueError(f"attn_variant must be one of {ATTENTION_VARIANTS}, got {variant!r}")
+        qk_channels, value_channels = (channels // 2, channels) if variant == "original" else (channels // 8, channels // 2)
+        sn = lambda conv: maybe_spectral_norm(conv, spectral_norm)  # noqa: E731
+        self.variant = variant
+        self.query = sn(nn.Conv2d(channels, qk_channels, 1))
+        self.key = sn(nn.Conv2d(channels, qk_channels, 1))
+        self.value = sn(nn.Conv2d(channels, value_channels, 1))
+        self.out = sn(nn.Conv2d(value_channels, channels, 1)) if variant == "paper" else nn.Identity()
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, N, Cqk), keys (B, Nk, Cqk) and values (B, Nk, Cv) as pixel-major sequences."""
+        keys, values = self.key(x), self.value(x)
+        if self.variant == "paper":
+            keys, values = F.max_pool2d(keys, 2), F.max_pool2d(values, 2)
+        return tuple(t.flatten(2).transpose(1, 2) for t in (self.query(x), keys, values))
+
+    def _attend_fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pad = v.shape[-1] - q.shape[-1]
+        # Fused kernels need a unit stride along channels; from an NCHW map, v is strided by N.
+        q, k, v = F.pad(q, (0, pad)), F.pad(k, (0, pad)), v.contiguous()
+        # The SDPA kernels keep the softmax in fp32 under autocast; scale=1.0 keeps SAGAN's raw q.k.
+        return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0).squeeze(1)
+
+    @staticmethod
+    def _attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = torch.softmax(torch.bmm(q, k.transpose(1, 2)).float(), dim=-1)
+        return torch.bmm(attention.to(v.dtype), v), attention
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """Output (B, C, H, W); with return_attention, also the map (B, N, Nk) whose rows sum to 1."""
+        q, k, v = self._project(x)
+        if return_attention:
+            attended, attention = self._attend_explicit(q, k, v)
+        else:
+            attended = self._attend_fused(q, k, v)
+        attended = attended.transpose(1, 2).unflatten(2, x.shape[2:])
+        out = x + self.gamma * self.out(attended)
+        return (out, attention) if return_attention else out
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}"
+
+
+def attention_layers(model: nn.Module) -> list[SelfAttention]:
+    """The model's attention blocks, in forward order."""
+    return [m for m in model.modules() if isinstance(m, SelfAttention)]
+
+
+def attention_gammas(model: nn.Module) -> list[float]:
+    """Each attention block's gamma, in forward order (empty without attention)."""
+    return [layer.gamma.item() for layer in attention_layers(model)]
