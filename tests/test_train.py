@@ -1,0 +1,231 @@
+"""Training engine: losses, one step, exact resume, atomic checkpoints, NaN guard, config checks, CLI."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import train
+from checkpoint import atomic_save, load_checkpoint, load_generator
+from train import ConfigError, NonFiniteLossError, TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Small and quick: the 28x28 model at a quarter of its width on the synthetic set.
+TINY = dict(dataset="synthetic", image_size=28, synthetic_size=64, conv_dim=16, batch_size=8, steps=6,
+            sample_every=3, log_every=1, checkpoint_every=3, quiet=True, device="cpu")
+
+
+def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, "out": str(tmp_path / name), **overrides})
+
+
+def test_losses_on_hand_computed_values():
+    d_real, d_fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.5])
+    # hinge: mean(relu(1 - real)) = (0 + 0.5 + 2) / 3; mean(relu(1 + fake)) = (0 + 1 + 2.5) / 3
+    assert train.discriminator_loss("hinge", d_real, d_fake).item() == pytest.approx(2.5 / 3 + 3.5 / 3)
+    assert train.generator_loss("hinge", d_fake).item() == pytest.approx(-(-2.0 + 0.0 + 1.5) / 3)
+    softplus = lambda x: torch.log1p(torch.exp(torch.tensor(x))).item()  # noqa: E731
+    expected = (softplus(-2.0) + softplus(-0.5) + softplus(1.0)) / 3 + (softplus(-2.0) + softplus(0.0) + softplus(1.5)) / 3
+    assert train.discriminator_loss("nonsaturating", d_real, d_fake).item() == pytest.approx(expected)
+    assert train.generator_loss("nonsaturating", d_fake).item() == pytest.approx((softplus(2.0) + softplus(0.0) + softplus(-1.5)) / 3)
+    assert train.discriminator_loss("wgan-gp", d_real, d_fake).item() == pytest.approx(-0.5 / 3 - 1.5 / 3)
+    assert train.generator_loss("wgan-gp", d_fake).item() == pytest.approx(0.5 / 3)
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    """D(x) = <w, x> has gradient w everywhere: the penalty is (||w|| - 1)^2 exactly."""
+    critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        critic[1].weight.copy_(torch.tensor([[3.0, 0.0, 4.0, 0.0]]))
+    real, fake = torch.randn(5, 1, 2, 2), torch.randn(5, 1, 2, 2)
+    penalty = train.gradient_penalty(critic, real, fake, torch.Generator().manual_seed(0))
+    assert penalty.item() == pytest.approx((5.0 - 1.0) ** 2)
+
+
+def _state(tmp_path, **overrides):
+    config = tiny(tmp_path, **overrides)
+    dataset = train.data.load_dataset("synthetic", image_size=28, channels=1, size=64)
+    return train.build_state(config, dataset, torch.device("cpu"))
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_one_step_changes_G_and_D_and_the_G_update_leaves_D_unchanged(tmp_path):
+    state = _state(tmp_path, ema_decay=0.5)
+    G0, D0, ema0 = _snapshot(state.G), _snapshot(state.D), _snapshot(state.G_ema)
+    train.discriminator_step(state)
+    D1, D1_grads = _snapshot(state.D), [p.grad.clone() for p in state.D.parameters()]
+    assert any(not torch.equal(D0[k], D1[k]) for k in D0)
+    train.generator_step(state)
+    assert all(torch.equal(D1[k], v) for k, v in state.D.state_dict().items()), "the G update moved D (weights or SN vectors)"
+    assert all(torch.equal(g, p.grad) for g, p in zip(D1_grads, state.D.parameters())), "the G update added to D's gradients"
+    G2 = _snapshot(state.G)
+    assert any(not torch.equal(G0[k], G2[k]) for k in G0 if "weight" in k)
+    assert any(not torch.equal(ema0[k], v) for k, v in state.G_ema.state_dict().items() if "weight" in k)
+
+
+def test_discriminator_step_does_not_touch_G_weights(tmp_path):
+    state = _state(tmp_path)
+    weights = {k: v.clone() for k, v in state.G.named_parameters()}
+    train.discriminator_step(state)
+    assert all(torch.equal(weights[k], v) for k, v in state.G.named_parameters())
+    assert all(p.grad is None for p in state.G.parameters())
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
+    overrides = dict(ema_decay=0.9, steps=6)
+    straight = load_checkpoint(train.train(tiny(tmp_path, "straight", **overrides)))
+    first_half = train.train(tiny(tmp_path, "resumed", **{**overrides, "steps": 3}))
+    resumed = load_checkpoint(train.train(tiny(tmp_path, "resumed", **overrides), resume=True))
+    assert resumed["step"] == straight["step"] == 6
+    for key in ("G", "D", "G_ema"):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
+    for key in ("opt_G", "opt_D"):
+        for index, values in straight[key]["state"].items():
+            for name, tensor in values.items():
+                assert torch.equal(tensor, resumed[key]["state"][index][name]), f"{key} state {index}.{name} differs"
+    assert resumed["loader"] == straight["loader"]
+    rows = list(csv.DictReader(open(first_half / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert (first_half / "samples" / "step_000006.png").exists()
+
+
+def test_resume_refuses_a_different_run_and_fresh_runs_refuse_to_overwrite(tmp_path):
+    run_dir = train.train(tiny(tmp_path, steps=1))
+    with pytest.raises(ConfigError, match=r"batch_size: run has 8, asked for 16"):
+        train.train(tiny(tmp_path, steps=2, batch_size=16), resume=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train.train(tiny(tmp_path, steps=1))
+    assert load_checkpoint(run_dir)["step"] == 1
+
+
+@pytest.mark.parametrize("field, value", [
+    ("batch_size", 0), ("steps", -5), ("g_lr", 0.0), ("d_lr", float("nan")), ("loss", "wasserstein"),
+    ("dataset", "imagenet"), ("image_size", 32), ("ema_decay", 1.0), ("beta2", 1.5), ("d_steps", 0),
+    ("attn_variant", "fancy"), ("precision", "fp8"), ("conv_dim", 12),
+])
+def test_nonsensical_config_values_are_refused_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"^{field} must be"):
+        TrainConfig(**{field: value})
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny(tmp_path, steps=6, checkpoint_every=2)
+    # The loader's epoch 0 visits randperm(64) seeded with the run's seed: poison what the 4th step reads.
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(config.seed))
+    images = torch.rand(64, 1, 28, 28) * 2 - 1
+    images[order[3 * config.batch_size:]] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"Non-finite loss at step 4 .*checkpoints/latest.pt, is intact"):
+        train.train(config, dataset=TensorDataset(images, torch.zeros(64)))
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert checkpoint["step"] == 2
+    assert all(torch.isfinite(t).all() for t in checkpoint["G"].values() if t.is_floating_point())
+
+
+def test_a_checkpoint_write_killed_halfway_leaves_the_previous_one_loadable(tmp_path):
+    path = tmp_path / "latest.pt"
+    atomic_save({"step": 1, "weights": torch.ones(1000)}, path)
+    # A child process starts overwriting it with a large payload and is killed mid-write.
+    script = f"""
+import os, signal, torch, sys
+sys.path.insert(0, {str(ROOT)!r})
+from checkpoint import atomic_save
+class KillMidWrite:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+atomic_save({{"step": 2, "weights": torch.zeros(1_000_000), "tail": KillMidWrite()}}, {str(path)!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert load_checkpoint(path)["step"] == 1
+    assert torch.equal(load_checkpoint(path)["weights"], torch.ones(1000))
+
+
+@pytest.mark.slow
+def test_wgan_gp_trains_through_attention_with_double_backward(tmp_path):
+    run_dir = train.train(tiny(tmp_path, loss="wgan-gp", d_steps=2, steps=2, image_size=64, synthetic_size=32))
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert len(rows) == 2 and all(float(r["d_loss"]) == float(r["d_loss"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_compare_gives_both_arms_the_same_fixed_noise_and_data_order(tmp_path):
+    runs = train.compare(tiny(tmp_path, "cmp", steps=2))
+    with_attn, without = runs["with_attention"], runs["without_attention"]
+    assert torch.equal(torch.load(with_attn / "fixed_z.pt"), torch.load(without / "fixed_z.pt"))
+    assert load_checkpoint(with_attn)["loader"] == load_checkpoint(without)["loader"]
+    assert json.loads((with_attn / "config.json").read_text())["attn"] is True
+    assert json.loads((without / "config.json").read_text())["attn"] is False
+    G, info = load_generator(with_attn)
+    assert info["step"] == 2 and len(G.attention_gammas()) == 1
+    assert "gamma_G0" in open(with_attn / "metrics.csv").readline()
+    assert "gamma_G0" not in open(without / "metrics.csv").readline()
+
+
+def _cli(*args, cwd=ROOT, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, **kwargs)
+
+
+@pytest.mark.slow
+def test_cli_writes_the_whole_run_directory(tmp_path):
+    out = tmp_path / "cli"
+    result = _cli("--dataset", "synthetic", "--image-size", "28", "--steps", "4", "--batch-size", "8",
+                  "--conv-dim", "16", "--sample-every", "2", "--checkpoint-every", "2", "--log-every", "1",
+                  "--ema-decay", "0.9", "--d-lr", "3e-4", "--no-attn", "--quiet", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["d_lr"] == 3e-4 and config["attn"] is False and config["steps"] == 4
+    for name in ("fixed_z.pt", "metrics.csv", "samples/step_000002.png", "samples/step_000004.png",
+                 "checkpoints/latest.pt", "checkpoints/step_000002.pt", "checkpoints/step_000004.pt"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events"
+    header = open(out / "metrics.csv").readline().strip().split(",")
+    assert header[:5] == ["step", "d_loss", "g_loss", "d_real", "d_fake"] and {"img_per_s", "wall_time"} <= set(header)
+    from PIL import Image
+    assert Image.open(out / "samples/step_000004.png").size == (8 * 30 + 2, 8 * 30 + 2)
+    checkpoint = load_checkpoint(out)
+    assert {"G", "D", "G_ema", "opt_G", "opt_D", "scaler", "step", "config", "rng", "loader"} <= set(checkpoint)
+
+    resumed = _cli("--resume", str(out), "--steps", "6", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(out)["step"] == 6
+
+
+def test_cli_refuses_bad_values_with_a_clear_message(tmp_path):
+    result = _cli("--batch-size", "0", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert "batch_size must be a positive integer, got 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = _cli("--resume", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_the_run_resumes(tmp_path):
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *sum(([f"--{k.replace('_', '-')}", str(v)]
+                               for k, v in TINY.items() if k != "quiet"), []), "--steps", "100000", "--quiet",
+                               "--checkpoint-every", "100000", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 60
+    while not (out / "metrics.csv").exists() or len(open(out / "metrics.csv").readlines()) < 3:
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    step = load_checkpoint(out)["step"]
+    assert 2 <= step < 100000
+    assert "Resume with" in stdout + stderr

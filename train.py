@@ -1,0 +1,636 @@
+"""Train SAGAN or its no-attention baseline: hinge loss, TTUR, optional EMA and AMP, exact resume.
+
+    python train.py --dataset mnist --steps 2000              # SAGAN on MNIST, run dir under runs/
+    python train.py --dataset mnist --steps 2000 --no-attn    # the DCGAN baseline
+    python train.py --dataset celeba --compare --out runs/cmp # both arms, same seed, data order and noise
+    python train.py --resume runs/cmp/with_attention --steps 4000
+
+Every TrainConfig field is a flag (`batch_size` -> `--batch-size`); notebooks call train(config).
+"""
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import Dataset
+from torchvision.utils import save_image
+
+import data
+from checkpoint import LATEST, atomic_save, generator_kwargs, load_checkpoint, model_module, read_config
+from utils import pick_device, to_unit_range
+
+LOSSES = ("hinge", "nonsaturating", "wgan-gp")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+IMAGE_SIZES = {"mnist": 28, "mnist-5k": 28}  # every other dataset trains the 64x64 model
+
+
+def _help(text: str, default=None, **kwargs):
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; defaults are the original project's (batch 64, TTUR 1e-4 / 4e-4, betas 0 / 0.9)."""
+
+    # data
+    dataset: str = _help("mnist, mnist-5k, celeba, folder or synthetic", "mnist")
+    data_root: str | None = _help("data folder (default: $SAGAN_DATA, else ./data); for 'folder', the image folder")
+    image_size: int = _help("28 (model_28.py) or 64 (model_64.py); 0 = 28 for MNIST, 64 otherwise", 0)
+    synthetic_size: int = _help("number of images of the synthetic set", 2048)
+    # model
+    attn: bool = _help("self-attention layers (--no-attn: the DCGAN baseline)", True)
+    attn_variant: str = _help("'original' (q/k C/2, v C) or 'paper' (q/k C/8, v C/2, pooled keys)", "original")
+    z_dim: int = _help("noise dimension", 100)
+    conv_dim: int = _help("base channel width", 64)
+    spectral_norm: bool = _help("spectral norm in G and D (--no-spectral-norm: plain DCGAN layers)", True)
+    # optimisation
+    steps: int = _help("generator updates in total", 2000)
+    batch_size: int = _help("images per batch (per process)", 64)
+    g_lr: float = _help("generator learning rate", 1e-4)
+    d_lr: float = _help("discriminator learning rate (TTUR: 4x the generator's)", 4e-4)
+    beta1: float = _help("Adam beta1", 0.0)
+    beta2: float = _help("Adam beta2", 0.9)
+    loss: str = _help("hinge, nonsaturating (classic DCGAN) or wgan-gp", "hinge")
+    gp_weight: float = _help("gradient-penalty weight for wgan-gp", 10.0)
+    d_steps: int = _help("discriminator updates per generator update (5 is usual for wgan-gp)", 1)
+    ema_decay: float = _help("EMA of G's weights for samples and evaluation; 0 = off (0.999 is usual)", 0.0)
+    seed: int = _help("seeds weights, data order, noise and the fixed sample noise", 0)
+    # machine
+    device: str = _help("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps", "auto")
+    precision: str = _help("auto (bf16 or fp16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16", "auto")
+    channels_last: bool = _help("channels_last memory format", False)
+    compile: bool = _help("torch.compile G and D", False)
+    threads: int = _help("CPU threads for torch (0: torch's default)", 0)
+    num_workers: int = _help("data-loading workers (-1: 4 on CUDA for image files, else 0)", -1)
+    # outputs
+    out: str | None = _help("run directory (default: runs/<timestamp>-<dataset>-<arm>)")
+    sample_every: int = _help("save an 8x8 grid of the fixed noise every N steps", 100)
+    log_every: int = _help("append to metrics.csv every N steps", 10)
+    checkpoint_every: int = _help("keep checkpoints/step_N.pt every N steps (latest.pt is always kept)", 500)
+    eval_every: int = _help("evaluate sample quality every N steps (0: never)", 0)
+    eval_n: int = _help("generated images per evaluation during training", 1000)
+    quiet: bool = _help("no progress bar", False)
+
+    def __post_init__(self):
+        if not self.image_size:
+            self.image_size = IMAGE_SIZES.get(self.dataset, 64)
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse nonsensical values up front, naming the field."""
+        def require(ok: bool, name: str, expected: str):
+            if not ok:
+                raise ConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+        require(self.dataset in data.DATASETS, "dataset", f"one of {', '.join(data.DATASETS)}")
+        require(self.image_size in (28, 64), "image_size", "28 or 64")
+        require(self.attn_variant in ("original", "paper"), "attn_variant", "'original' or 'paper'")
+        require(self.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}")
+        require(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
+        for name in ("steps", "batch_size", "z_dim", "d_steps", "sample_every", "log_every", "checkpoint_every", "eval_n", "synthetic_size"):
+            require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a positive integer")
+        require(self.conv_dim >= 8 and self.conv_dim % 8 == 0, "conv_dim", "a positive multiple of 8")
+        for name in ("eval_every", "threads"):
+            require(getattr(self, name) >= 0, name, "0 or a positive integer")
+        require(self.num_workers >= -1, "num_workers", "-1 (auto), 0 or a positive integer")
+        for name in ("g_lr", "d_lr"):
+            require(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "a positive finite number")
+        for name in ("beta1", "beta2", "ema_decay"):
+            require(0 <= getattr(self, name) < 1, name, "in [0, 1)")
+        require(math.isfinite(self.gp_weight) and self.gp_weight >= 0, "gp_weight", "a finite number >= 0")
+
+    @property
+    def channels(self) -> int:
+        return model_module(self.image_size).IMAGE_SHAPE[0]
+
+
+class ConfigError(ValueError):
+    """A configuration value that makes no sense, or a resume that does not match its run."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+# Fields a resumed run may change; every other field must match the run's config.json.
+RESUMABLE_OVERRIDES = {"steps", "device", "precision", "channels_last", "compile", "threads", "num_workers",
+                       "sample_every", "log_every", "checkpoint_every", "eval_every", "eval_n", "quiet", "data_root", "out"}
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+def discriminator_loss(kind: str, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """D's loss on its logits for real and (detached) fake images, without any gradient penalty."""
+    if kind == "hinge":
+        return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    if kind == "nonsaturating":
+        return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    if kind == "wgan-gp":
+        return d_fake.mean() - d_real.mean()
+    raise ConfigError(f"loss must be one of {LOSSES}, got {kind!r}")
+
+
+def generator_loss(kind: str, d_fake: torch.Tensor) -> torch.Tensor:
+    """G's loss on D's logits for fresh fakes."""
+    if kind == "nonsaturating":
+        return F.softplus(-d_fake).mean()
+    return -d_fake.mean()  # hinge and WGAN share it
+
+
+def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
+    """WGAN-GP: mean of (||grad_x D(x)|| - 1)^2 at random interpolates of real and fake, computed in fp32."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, generator=noise).to(real.device)
+    mixed = torch.lerp(fake.float(), real.float(), alpha).requires_grad_(True)
+    # The fused attention kernels have no double backward; the math kernel is the same function.
+    with torch.autocast(real.device.type, enabled=False), sdpa_kernel([SDPBackend.MATH]):
+        (grad,) = torch.autograd.grad(D(mixed).sum(), mixed, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+# ---------------------------------------------------------------------------------------------- state
+
+@dataclass
+class TrainState:
+    """Everything a training step touches; all of it goes into a checkpoint."""
+
+    config: TrainConfig
+    device: torch.device
+    G: nn.Module
+    D: nn.Module
+    G_ema: nn.Module | None
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    scaler_G: torch.amp.GradScaler
+    scaler_D: torch.amp.GradScaler
+    loader: data.EndlessLoader
+    noise: torch.Generator  # CPU generator for z and GP mixing: the same numbers on every device
+    amp_dtype: torch.dtype | None
+    G_forward: Callable = None  # G and D, compiled when asked
+    D_forward: Callable = None
+    step: int = 0
+
+    def __post_init__(self):
+        self.G_forward = self.G_forward or self.G
+        self.D_forward = self.D_forward or self.D
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def sample_z(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.config.z_dim, generator=self.noise).to(self.device, non_blocking=True)
+
+    def next_real(self) -> torch.Tensor:
+        real = next(self.loader).to(self.device, non_blocking=True)
+        return real.contiguous(memory_format=torch.channels_last) if self.config.channels_last else real
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting on a device; None means plain fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None  # CPU bf16 only pays on CPUs with AMX; ask for it with --precision bf16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
+    """G and D for the config, seeded so that both arms of a comparison start alike."""
+    torch.manual_seed(config.seed)
+    module = model_module(config.image_size)
+    G = module.Generator(**generator_kwargs(dataclasses.asdict(config)))
+    D = module.Discriminator(attn=config.attn, conv_dim=config.conv_dim, spectral_norm=config.spectral_norm,
+                             attn_variant=config.attn_variant)
+    return G, D
+
+
+def build_state(config: TrainConfig, dataset: Dataset, device: torch.device) -> TrainState:
+    """Fresh models, optimizers and loader for `config` on `device`."""
+    G, D = build_models(config)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
+    G_ema = None
+    if config.ema_decay > 0:
+        G_ema = build_models(config)[0].to(device, memory_format=memory_format).eval().requires_grad_(False)
+        G_ema.load_state_dict(G.state_dict())
+    betas = (config.beta1, config.beta2)
+    amp_dtype = resolve_precision(config.precision, device)
+    use_scaler = amp_dtype == torch.float16
+    loader = data.EndlessLoader(dataset, config.batch_size, seed=config.seed, num_workers=_num_workers(config, dataset, device),
+                                pin_memory=device.type == "cuda")
+    state = TrainState(
+        config=config, device=device, G=G, D=D, G_ema=G_ema,
+        opt_G=torch.optim.Adam(G.parameters(), config.g_lr, betas=betas),
+        opt_D=torch.optim.Adam(D.parameters(), config.d_lr, betas=betas),
+        scaler_G=torch.amp.GradScaler(device.type, enabled=use_scaler),
+        scaler_D=torch.amp.GradScaler(device.type, enabled=use_scaler),
+        loader=loader, noise=torch.Generator().manual_seed(config.seed + 1), amp_dtype=amp_dtype,
+    )
+    if config.compile:
+        state.G_forward, state.D_forward = torch.compile(G), torch.compile(D)
+    return state
+
+
+def _num_workers(config: TrainConfig, dataset: Dataset, device: torch.device) -> int:
+    if config.num_workers >= 0:
+        return config.num_workers
+    in_memory = isinstance(dataset, data.TensorImages)
+    return 4 if device.type == "cuda" and not in_memory else 0
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+def discriminator_step(state: TrainState) -> dict[str, torch.Tensor]:
+    """One D update on a real batch and a batch of detached fakes."""
+    config, D = state.config, state.D
+    real = state.next_real()
+    with torch.no_grad(), state.autocast():
+        fake = state.G_forward(state.sample_z(real.shape[0]))  # no graph through G: D's loss never reaches it
+    with state.autocast():
+        # D has no batch statistics, so one pass over real and fake equals two (and runs one power iteration).
+        d_real, d_fake = state.D_forward(torch.cat([real, fake])).float().chunk(2)
+        loss = discriminator_loss(config.loss, d_real, d_fake)
+    if config.loss == "wgan-gp":
+        loss = loss + config.gp_weight * gradient_penalty(D, real, fake, state.noise)
+    state.opt_D.zero_grad(set_to_none=True)
+    state.scaler_D.scale(loss).backward()
+    state.scaler_D.step(state.opt_D)
+    state.scaler_D.update()
+    return {"d_loss": loss.detach(), "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
+
+
+def generator_step(state: TrainState) -> dict[str, torch.Tensor]:
+    """One G update through a frozen D: D's weights, grads and power-iteration vectors are left untouched."""
+    D = state.D
+    D.eval().requires_grad_(False)  # eval: spectral norm reuses its vectors; no grads: no wasted weight gradients
+    try:
+        with state.autocast():
+            d_fake = state.D_forward(state.G_forward(state.sample_z(state.config.batch_size))).float()
+            loss = generator_loss(state.config.loss, d_fake)
+        state.opt_G.zero_grad(set_to_none=True)
+        state.scaler_G.scale(loss).backward()
+        state.scaler_G.step(state.opt_G)
+        state.scaler_G.update()
+    finally:
+        D.train().requires_grad_(True)
+    if state.G_ema is not None:
+        update_ema(state.G_ema, state.G, state.config.ema_decay)
+    return {"g_loss": loss.detach()}
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for weights; buffers (BatchNorm statistics and
+    spectral-norm vectors) describe the current weights, so they are copied, not averaged."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def train_step(state: TrainState) -> dict[str, torch.Tensor]:
+    """d_steps discriminator updates, then one generator update; returns the step's metrics as tensors."""
+    for _ in range(state.config.d_steps):
+        metrics = discriminator_step(state)
+    metrics |= generator_step(state)
+    state.step += 1
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def state_dict(state: TrainState) -> dict:
+    """The whole training state as one dict (what checkpoints hold)."""
+    rng = {"torch": torch.get_rng_state(), "noise": state.noise.get_state(), "python": random.getstate(),
+           "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "G": state.G.state_dict(), "D": state.D.state_dict(),
+        "G_ema": state.G_ema.state_dict() if state.G_ema is not None else None,
+        "opt_G": state.opt_G.state_dict(), "opt_D": state.opt_D.state_dict(),
+        "scaler": {"G": state.scaler_G.state_dict(), "D": state.scaler_D.state_dict()},
+        "step": state.step, "config": dataclasses.asdict(state.config), "rng": rng, "loader": state.loader.state_dict(),
+    }
+
+
+def load_state_dict(state: TrainState, checkpoint: dict) -> None:
+    """Restore a TrainState built for the same config from a checkpoint dict."""
+    state.G.load_state_dict(checkpoint["G"])
+    state.D.load_state_dict(checkpoint["D"])
+    if state.G_ema is not None:
+        state.G_ema.load_state_dict(checkpoint["G_ema"])
+    state.opt_G.load_state_dict(checkpoint["opt_G"])
+    state.opt_D.load_state_dict(checkpoint["opt_D"])
+    state.scaler_G.load_state_dict(checkpoint["scaler"]["G"])
+    state.scaler_D.load_state_dict(checkpoint["scaler"]["D"])
+    state.loader.load_state_dict(checkpoint["loader"])
+    rng = checkpoint["rng"]
+    torch.set_rng_state(rng["torch"])
+    state.noise.set_state(rng["noise"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state.step = checkpoint["step"]
+
+
+def save_checkpoint(state: TrainState, run_dir: Path) -> Path:
+    """Write checkpoints/latest.pt atomically, and keep a step_N.pt copy every checkpoint_every steps."""
+    folder = run_dir / "checkpoints"
+    checkpoint = state_dict(state)
+    atomic_save(checkpoint, folder / LATEST)
+    if state.step % state.config.checkpoint_every == 0:
+        atomic_save(checkpoint, folder / f"step_{state.step:06d}.pt")
+    return folder / LATEST
+
+
+def check_resumable(saved: dict, config: TrainConfig) -> None:
+    """Refuse to resume with settings that would make a different run."""
+    wanted = dataclasses.asdict(config)
+    clashes = [f"{name}: run has {saved[name]!r}, asked for {wanted[name]!r}"
+               for name in wanted if name not in RESUMABLE_OVERRIDES and saved.get(name) != wanted[name]]
+    if clashes:
+        raise ConfigError("Cannot resume: these settings differ from the run's config.json (start a new run instead):\n  "
+                          + "\n  ".join(clashes))
+
+
+# ---------------------------------------------------------------------------------------------- run directory
+
+class RunLog:
+    """metrics.csv, sample grids and (when installed) TensorBoard events of one run directory."""
+
+    def __init__(self, run_dir: Path, columns: list[str], resume_step: int):
+        self.run_dir, self.columns = run_dir, columns
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        self.csv_path = run_dir / "metrics.csv"
+        self._trim_after(resume_step)
+        new = not self.csv_path.exists()
+        self._file = open(self.csv_path, "a", newline="")
+        self._csv = csv.DictWriter(self._file, columns)
+        if new:
+            self._csv.writeheader()
+        self._tensorboard = _tensorboard_writer(run_dir)
+
+    def _trim_after(self, step: int) -> None:
+        """Drop rows logged after the checkpoint a resumed run restarts from: they will be logged again."""
+        if not self.csv_path.exists():
+            return
+        with open(self.csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(row for row in rows if int(row["step"]) <= step)
+
+    def metrics(self, row: dict[str, float]) -> None:
+        self._csv.writerow(row)
+        self._file.flush()
+        if self._tensorboard:
+            for name, value in row.items():
+                if name != "step" and value != "":
+                    self._tensorboard.add_scalar(name, value, row["step"])
+
+    def grid(self, images: torch.Tensor, step: int) -> Path:
+        path = self.run_dir / "samples" / f"step_{step:06d}.png"
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        save_image(to_unit_range(images), tmp, nrow=8, padding=2)
+        tmp.replace(path)
+        if self._tensorboard:
+            self._tensorboard.add_images("samples", to_unit_range(images), step)
+        return path
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard:
+            self._tensorboard.close()
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir))
+
+
+@torch.no_grad()
+def sample(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Images for noise z with G in eval mode (BatchNorm's running statistics stay put), then back to train mode."""
+    was_training = G.training
+    G.eval()
+    try:
+        return G(z).float()
+    finally:
+        G.train(was_training)
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    arm = "attn" if config.attn else "noattn"
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.dataset}-{arm}"
+
+
+@contextmanager
+def stop_at_step_boundary():
+    """Ctrl-C (or a notebook's interrupt) sets a flag the loop checks between steps, so the run can
+    checkpoint a consistent state and stop; a second Ctrl-C interrupts at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        requested.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool = False,
+          on_sample: Callable[[int, Path], None] | None = None) -> Path:
+    """Train according to `config`; returns the run directory.
+
+    dataset: use this dataset instead of loading config.dataset (items: (image in [-1, 1], label)).
+    resume: continue the run in config.out from its latest checkpoint (train.py --resume does this).
+    on_sample: called with (step, grid path) after each sample grid (the notebooks show it inline).
+    """
+    config = dataclasses.replace(config)  # the caller's config stays as it was
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    if dataset is None:
+        dataset, config.dataset = data.load_dataset_with_fallback(
+            config.dataset, config.data_root, image_size=config.image_size, channels=config.channels,
+            size=config.synthetic_size, seed=config.seed)
+    run_dir = Path(config.out) if config.out else default_run_dir(config)
+    config.out = str(run_dir)
+    state = build_state(config, dataset, device)
+
+    if resume:
+        checkpoint = load_checkpoint(run_dir, device)
+        check_resumable(checkpoint["config"], config)
+        load_state_dict(state, checkpoint)
+        fixed_z = torch.load(run_dir / "fixed_z.pt").to(device)
+    else:
+        if (run_dir / "checkpoints" / LATEST).exists():
+            raise ConfigError(f"{run_dir} already holds a run: resume it (--resume {run_dir}) or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fixed_z = torch.randn(64, config.z_dim, generator=torch.Generator().manual_seed(config.seed)).to(device)
+        torch.save(fixed_z.cpu(), run_dir / "fixed_z.pt")
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+    gamma_columns = [f"gamma_G{i}" for i in range(len(state.G.attention_gammas()))] + \
+                    [f"gamma_D{i}" for i in range(len(state.D.attention_gammas()))]
+    evaluator = _evaluator(config, device)
+    columns = ["step", "d_loss", "g_loss", "d_real", "d_fake", *gamma_columns, "img_per_s", "wall_time",
+               *(evaluator.columns if evaluator else [])]
+    log = RunLog(run_dir, columns, state.step)
+    sampler = state.G_ema if state.G_ema is not None else state.G
+    progress = _progress_bar(config, state.step)
+    last_good = run_dir / "checkpoints" / LATEST
+    clock, images_since, wall_start = time.perf_counter(), 0, time.perf_counter()
+    try:
+        with stop_at_step_boundary() as stop_requested:
+            while state.step < config.steps:
+                metrics = train_step(state)
+                step = state.step
+                images_since += config.batch_size
+                if not all(torch.isfinite(value) for value in metrics.values()):
+                    values = ", ".join(f"{k}={v.item():.4g}" for k, v in metrics.items())
+                    kept = f"the last good checkpoint, {last_good}, is intact" if last_good.exists() else "no checkpoint was written yet"
+                    raise NonFiniteLossError(f"Non-finite loss at step {step} ({values}); {kept}. "
+                                             "Try lower learning rates, --precision fp32 or --loss hinge.")
+                progress.update(1)
+                if step % config.log_every == 0 or step == config.steps:
+                    now = time.perf_counter()
+                    row = {"step": step, **{k: round(v.item(), 5) for k, v in metrics.items()},
+                           **dict(zip(gamma_columns, [round(g, 5) for g in state.G.attention_gammas() + state.D.attention_gammas()])),
+                           "img_per_s": round(images_since / (now - clock), 2), "wall_time": round(now - wall_start, 2)}
+                    clock, images_since = now, 0
+                    if evaluator and config.eval_every and step % config.eval_every == 0:
+                        row |= evaluator(sampler, config.eval_n)
+                    log.metrics(row)
+                    progress.set_postfix(_postfix(row, gamma_columns), refresh=False)
+                if step % config.sample_every == 0 or step == config.steps:
+                    grid = log.grid(sample(sampler, fixed_z), step)
+                    if on_sample:
+                        on_sample(step, grid)
+                if step % config.checkpoint_every == 0 or step == config.steps or stop_requested.is_set():
+                    last_good = save_checkpoint(state, run_dir)
+                if stop_requested.is_set():
+                    progress.write(f"Stopped at step {step}; checkpoint saved. Resume with: python train.py --resume {run_dir}")
+                    break
+    finally:
+        progress.close()
+        log.close()
+    return run_dir
+
+
+def _evaluator(config: TrainConfig, device: torch.device):
+    """evaluate.TrainingEvaluator for runs that evaluate during training, else None."""
+    if not config.eval_every:
+        return None
+    import evaluate
+
+    return evaluate.TrainingEvaluator(config.dataset, device=device, data_root=config.data_root, seed=config.seed)
+
+
+def _progress_bar(config: TrainConfig, start: int):
+    from tqdm.auto import tqdm
+
+    arm = "SAGAN" if config.attn else "baseline"
+    return tqdm(total=config.steps, initial=start, disable=config.quiet, desc=f"{arm} {config.dataset}",
+                unit="step", dynamic_ncols=True)
+
+
+def _postfix(row: dict, gamma_columns: list[str]) -> dict[str, str]:
+    postfix = {"D": f"{row['d_loss']:.3f}", "G": f"{row['g_loss']:.3f}", "img/s": f"{row['img_per_s']:.0f}"}
+    if gamma_columns:
+        postfix["gamma"] = " ".join(f"{row[c]:+.3f}" for c in gamma_columns)
+    return postfix
+
+
+def compare(config: TrainConfig, **kwargs) -> dict[str, Path]:
+    """Train the attention model and its baseline with the same seed, data order and fixed noise.
+
+    Run directories: <out>/without_attention and <out>/with_attention; an arm that already has a
+    checkpoint is resumed, so calling compare again continues both. kwargs go to train().
+    """
+    root = Path(config.out) if config.out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.dataset}-compare"
+    runs = {}
+    for name, attn in (("without_attention", False), ("with_attention", True)):
+        run_dir = root / name
+        arm = dataclasses.replace(config, attn=attn, out=str(run_dir))
+        runs[name] = train(arm, resume=(run_dir / "checkpoints" / LATEST).exists(), **kwargs)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
+    """Flags for every TrainConfig field (only those given are returned), plus --resume and --compare."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default) if f.default is not None else str
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=f"{f.metadata['help']} (default: {f.default})")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    parser.add_argument("--compare", action="store_true", help="train the attention model and its baseline, same seed")
+    args = parser.parse_args(argv)
+    extras = argparse.Namespace(resume=args.__dict__.pop("resume"), compare=args.__dict__.pop("compare"))
+    return vars(args), extras
+
+
+def config_from_args(overrides: dict, extras: argparse.Namespace) -> TrainConfig:
+    """A new run's config from the flags, or a resumed run's config.json with the flags that may change."""
+    if not extras.resume:
+        return TrainConfig(**overrides)
+    saved = read_config(Path(extras.resume) / "with_attention" if extras.compare else extras.resume)
+    config = TrainConfig(**{**saved, **overrides, "out": extras.resume})
+    check_resumable(saved, config)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides, extras = parse_args(argv)
+    try:
+        config = config_from_args(overrides, extras)
+        if extras.compare:
+            runs = compare(config)
+            print("\n".join(f"{name}: {path}" for name, path in runs.items()))
+        else:
+            print(f"run directory: {train(config, resume=bool(extras.resume))}")
+    except (ConfigError, data.DataError, FileNotFoundError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
