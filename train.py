@@ -4,6 +4,7 @@
     python train.py --dataset mnist --steps 2000 --no-attn    # the DCGAN baseline
     python train.py --dataset celeba --compare --out runs/cmp # both arms, same seed, data order and noise
     python train.py --resume runs/cmp/with_attention --steps 4000
+    torchrun --nproc_per_node=4 train.py --dataset celeba   # DDP: global batch = 4 x --batch-size
 
 Every TrainConfig field is a flag (`batch_size` -> `--batch-size`); notebooks call train(config).
 """
@@ -25,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import Dataset
 from torchvision.utils import save_image
@@ -78,6 +81,7 @@ class TrainConfig:
     compile: bool = _help("torch.compile G and D", False)
     threads: int = _help("CPU threads for torch (0: torch's default)", 0)
     num_workers: int = _help("data-loading workers (-1: 4 on CUDA for image files, else 0)", -1)
+    sync_bn: bool = _help("under torchrun, SyncBatchNorm in G: batch statistics over all processes (CUDA only)", False)
     # outputs
     out: str | None = _help("run directory (default: runs/<timestamp>-<dataset>-<arm>)")
     sample_every: int = _help("save an 8x8 grid of the fixed noise every N steps", 100)
@@ -129,7 +133,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 # Fields a resumed run may change; every other field must match the run's config.json.
-RESUMABLE_OVERRIDES = {"steps", "device", "precision", "channels_last", "compile", "threads", "num_workers",
+RESUMABLE_OVERRIDES = {"steps", "device", "precision", "channels_last", "compile", "threads", "num_workers", "sync_bn",
                        "sample_every", "log_every", "checkpoint_every", "eval_every", "eval_n", "quiet", "data_root", "out"}
 
 
@@ -163,6 +167,60 @@ def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, noise
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
 
 
+# ---------------------------------------------------------------------------------------------- processes
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_preference: str) -> tuple[Distributed, torch.device]:
+    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo otherwise)."""
+    import os
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return Distributed(), pick_device(device_preference)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_preference)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank), device
+
+
+def mean_over_processes(values: dict[str, torch.Tensor], job: Distributed) -> dict[str, torch.Tensor]:
+    """Each metric averaged over all processes (unchanged in a single process)."""
+    if not job.enabled:
+        return values
+    stacked = torch.stack([v.float() for v in values.values()])
+    dist.all_reduce(stacked)
+    return dict(zip(values, stacked / job.world_size))
+
+
+def any_process(flag: bool, job: Distributed, device: torch.device) -> bool:
+    """True when `flag` is set in any process, so that every process takes the same branch."""
+    if not job.enabled:
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 # ---------------------------------------------------------------------------------------------- state
 
 @dataclass
@@ -181,13 +239,18 @@ class TrainState:
     loader: data.EndlessLoader
     noise: torch.Generator  # CPU generator for z and GP mixing: the same numbers on every device
     amp_dtype: torch.dtype | None
-    G_forward: Callable = None  # G and D, compiled when asked
-    D_forward: Callable = None
+    job: Distributed = Distributed()
+    # What the steps call: G and D compiled when asked ("local"), and wrapped in DDP under torchrun
+    # ("synced"). Only passes whose backward updates that network go through its DDP wrapper.
+    G_local: Callable = None
+    D_local: Callable = None
+    G_synced: Callable = None
+    D_synced: Callable = None
     step: int = 0
 
     def __post_init__(self):
-        self.G_forward = self.G_forward or self.G
-        self.D_forward = self.D_forward or self.D
+        self.G_local, self.D_local = self.G_local or self.G, self.D_local or self.D
+        self.G_synced, self.D_synced = self.G_synced or self.G_local, self.D_synced or self.D_local
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -221,9 +284,13 @@ def build_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
     return G, D
 
 
-def build_state(config: TrainConfig, dataset: Dataset, device: torch.device) -> TrainState:
-    """Fresh models, optimizers and loader for `config` on `device`."""
+def build_state(config: TrainConfig, dataset: Dataset, device: torch.device, job: Distributed = Distributed()) -> TrainState:
+    """Fresh models, optimizers and loader for `config` on `device` (this process's share under torchrun)."""
     G, D = build_models(config)
+    if config.sync_bn and job.enabled:
+        if device.type != "cuda":
+            raise ConfigError("sync_bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; drop --sync-bn")
+        G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     G_ema = None
@@ -233,19 +300,30 @@ def build_state(config: TrainConfig, dataset: Dataset, device: torch.device) -> 
     betas = (config.beta1, config.beta2)
     amp_dtype = resolve_precision(config.precision, device)
     use_scaler = amp_dtype == torch.float16
-    loader = data.EndlessLoader(dataset, config.batch_size, seed=config.seed, num_workers=_num_workers(config, dataset, device),
-                                pin_memory=device.type == "cuda")
+    loader = data.EndlessLoader(dataset, config.batch_size, seed=config.seed, rank=job.rank, world_size=job.world_size,
+                                num_workers=_num_workers(config, dataset, device), pin_memory=device.type == "cuda")
     state = TrainState(
         config=config, device=device, G=G, D=D, G_ema=G_ema,
         opt_G=torch.optim.Adam(G.parameters(), config.g_lr, betas=betas),
         opt_D=torch.optim.Adam(D.parameters(), config.d_lr, betas=betas),
         scaler_G=torch.amp.GradScaler(device.type, enabled=use_scaler),
         scaler_D=torch.amp.GradScaler(device.type, enabled=use_scaler),
-        loader=loader, noise=torch.Generator().manual_seed(config.seed + 1), amp_dtype=amp_dtype,
+        loader=loader, noise=torch.Generator().manual_seed(noise_seed(config.seed, job.rank)), amp_dtype=amp_dtype, job=job,
     )
     if config.compile:
-        state.G_forward, state.D_forward = torch.compile(G), torch.compile(D)
+        state.G_local, state.D_local = torch.compile(G), torch.compile(D)
+    if job.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        G_ddp, D_ddp = DistributedDataParallel(G, device_ids=ids), DistributedDataParallel(D, device_ids=ids)
+        state.G_synced = torch.compile(G_ddp) if config.compile else G_ddp
+        state.D_synced = torch.compile(D_ddp) if config.compile else D_ddp
+    state.__post_init__()
     return state
+
+
+def noise_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The noise stream of one process: distinct per rank, so that processes draw different z."""
+    return seed + 1 + 1_000_003 * rank + 7_919 * step
 
 
 def _num_workers(config: TrainConfig, dataset: Dataset, device: torch.device) -> int:
@@ -262,10 +340,10 @@ def discriminator_step(state: TrainState) -> dict[str, torch.Tensor]:
     config, D = state.config, state.D
     real = state.next_real()
     with torch.no_grad(), state.autocast():
-        fake = state.G_forward(state.sample_z(real.shape[0]))  # no graph through G: D's loss never reaches it
+        fake = state.G_local(state.sample_z(real.shape[0]))  # no graph through G: D's loss never reaches it
     with state.autocast():
         # D has no batch statistics, so one pass over real and fake equals two (and runs one power iteration).
-        d_real, d_fake = state.D_forward(torch.cat([real, fake])).float().chunk(2)
+        d_real, d_fake = state.D_synced(torch.cat([real, fake])).float().chunk(2)
         loss = discriminator_loss(config.loss, d_real, d_fake)
     if config.loss == "wgan-gp":
         loss = loss + config.gp_weight * gradient_penalty(D, real, fake, state.noise)
@@ -282,7 +360,7 @@ def generator_step(state: TrainState) -> dict[str, torch.Tensor]:
     D.eval().requires_grad_(False)  # eval: spectral norm reuses its vectors; no grads: no wasted weight gradients
     try:
         with state.autocast():
-            d_fake = state.D_forward(state.G_forward(state.sample_z(state.config.batch_size))).float()
+            d_fake = state.D_local(state.G_synced(state.sample_z(state.config.batch_size))).float()
             loss = generator_loss(state.config.loss, d_fake)
         state.opt_G.zero_grad(set_to_none=True)
         state.scaler_G.scale(loss).backward()
@@ -343,7 +421,10 @@ def load_state_dict(state: TrainState, checkpoint: dict) -> None:
     state.loader.load_state_dict(checkpoint["loader"])
     rng = checkpoint["rng"]
     torch.set_rng_state(rng["torch"])
-    state.noise.set_state(rng["noise"])
+    if state.job.is_main:
+        state.noise.set_state(rng["noise"])
+    else:  # checkpoints hold rank 0's stream; the others restart theirs from the step, whatever the old world size
+        state.noise.manual_seed(noise_seed(state.config.seed, state.job.rank, checkpoint["step"]))
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -475,40 +556,29 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     dataset: use this dataset instead of loading config.dataset (items: (image in [-1, 1], label)).
     resume: continue the run in config.out from its latest checkpoint (train.py --resume does this).
     on_sample: called with (step, grid path) after each sample grid (the notebooks show it inline).
+    Under torchrun every process calls this; only rank 0 writes the run directory.
     """
     config = dataclasses.replace(config)  # the caller's config stays as it was
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
+    job, device = setup_distributed(config.device)
     if dataset is None:
         dataset, config.dataset = data.load_dataset_with_fallback(
             config.dataset, config.data_root, image_size=config.image_size, channels=config.channels,
             size=config.synthetic_size, seed=config.seed)
-    run_dir = Path(config.out) if config.out else default_run_dir(config)
+    run_dir = _shared_run_dir(config, job)
     config.out = str(run_dir)
-    state = build_state(config, dataset, device)
-
-    if resume:
-        checkpoint = load_checkpoint(run_dir, device)
-        check_resumable(checkpoint["config"], config)
-        load_state_dict(state, checkpoint)
-        fixed_z = torch.load(run_dir / "fixed_z.pt").to(device)
-    else:
-        if (run_dir / "checkpoints" / LATEST).exists():
-            raise ConfigError(f"{run_dir} already holds a run: resume it (--resume {run_dir}) or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fixed_z = torch.randn(64, config.z_dim, generator=torch.Generator().manual_seed(config.seed)).to(device)
-        torch.save(fixed_z.cpu(), run_dir / "fixed_z.pt")
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    state = build_state(config, dataset, device, job)
+    fixed_z = _open_run(state, run_dir, resume)
 
     gamma_columns = [f"gamma_G{i}" for i in range(len(state.G.attention_gammas()))] + \
                     [f"gamma_D{i}" for i in range(len(state.D.attention_gammas()))]
-    evaluator = _evaluator(config, device)
+    evaluator = _evaluator(config, device) if job.is_main else None
     columns = ["step", "d_loss", "g_loss", "d_real", "d_fake", *gamma_columns, "img_per_s", "wall_time",
                *(evaluator.columns if evaluator else [])]
-    log = RunLog(run_dir, columns, state.step)
+    log = RunLog(run_dir, columns, state.step) if job.is_main else None
     sampler = state.G_ema if state.G_ema is not None else state.G
-    progress = _progress_bar(config, state.step)
+    progress = _progress_bar(config, state.step, disable=config.quiet or not job.is_main)
     last_good = run_dir / "checkpoints" / LATEST
     clock, images_since, wall_start = time.perf_counter(), 0, time.perf_counter()
     try:
@@ -516,7 +586,9 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
             while state.step < config.steps:
                 metrics = train_step(state)
                 step = state.step
-                images_since += config.batch_size
+                images_since += config.batch_size * job.world_size
+                # A NaN in any process reaches every process's weights through the gradient all-reduce
+                # within this step, so all processes stop here together.
                 if not all(torch.isfinite(value) for value in metrics.values()):
                     values = ", ".join(f"{k}={v.item():.4g}" for k, v in metrics.items())
                     kept = f"the last good checkpoint, {last_good}, is intact" if last_good.exists() else "no checkpoint was written yet"
@@ -524,6 +596,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
                                              "Try lower learning rates, --precision fp32 or --loss hinge.")
                 progress.update(1)
                 if step % config.log_every == 0 or step == config.steps:
+                    metrics = mean_over_processes(metrics, job)
                     now = time.perf_counter()
                     row = {"step": step, **{k: round(v.item(), 5) for k, v in metrics.items()},
                            **dict(zip(gamma_columns, [round(g, 5) for g in state.G.attention_gammas() + state.D.attention_gammas()])),
@@ -531,21 +604,56 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
                     clock, images_since = now, 0
                     if evaluator and config.eval_every and step % config.eval_every == 0:
                         row |= evaluator(sampler, config.eval_n)
-                    log.metrics(row)
+                    if log:
+                        log.metrics(row)
                     progress.set_postfix(_postfix(row, gamma_columns), refresh=False)
-                if step % config.sample_every == 0 or step == config.steps:
-                    grid = log.grid(sample(sampler, fixed_z), step)
-                    if on_sample:
-                        on_sample(step, grid)
-                if step % config.checkpoint_every == 0 or step == config.steps or stop_requested.is_set():
-                    last_good = save_checkpoint(state, run_dir)
-                if stop_requested.is_set():
+                stopping = any_process(stop_requested.is_set(), job, device)
+                if job.is_main:
+                    if step % config.sample_every == 0 or step == config.steps:
+                        grid = log.grid(sample(sampler, fixed_z), step)
+                        if on_sample:
+                            on_sample(step, grid)
+                    if step % config.checkpoint_every == 0 or step == config.steps or stopping:
+                        last_good = save_checkpoint(state, run_dir)
+                if stopping:
                     progress.write(f"Stopped at step {step}; checkpoint saved. Resume with: python train.py --resume {run_dir}")
                     break
     finally:
         progress.close()
-        log.close()
+        if log:
+            log.close()
     return run_dir
+
+
+def _shared_run_dir(config: TrainConfig, job: Distributed) -> Path:
+    """config.out, or a fresh timestamped folder chosen by rank 0 for every process."""
+    if config.out:
+        return Path(config.out)
+    chosen = [str(default_run_dir(config))]
+    if job.enabled:
+        dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
+def _open_run(state: TrainState, run_dir: Path, resume: bool) -> torch.Tensor | None:
+    """Restore a resumed run (every process) and write config.json and fixed_z.pt (rank 0); returns the fixed noise."""
+    config, is_main = state.config, state.job.is_main
+    if resume:
+        checkpoint = load_checkpoint(run_dir, state.device)
+        check_resumable(checkpoint["config"], config)
+        load_state_dict(state, checkpoint)
+        fixed_z = torch.load(run_dir / "fixed_z.pt")
+    else:
+        if (run_dir / "checkpoints" / LATEST).exists():
+            raise ConfigError(f"{run_dir} already holds a run: resume it (--resume {run_dir}) or choose another --out")
+        fixed_z = torch.randn(64, config.z_dim, generator=torch.Generator().manual_seed(config.seed))
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(fixed_z, run_dir / "fixed_z.pt")
+    if not is_main:
+        return None
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    return fixed_z.to(state.device)
 
 
 def _evaluator(config: TrainConfig, device: torch.device):
@@ -557,11 +665,11 @@ def _evaluator(config: TrainConfig, device: torch.device):
     return evaluate.TrainingEvaluator(config.dataset, device=device, data_root=config.data_root, seed=config.seed)
 
 
-def _progress_bar(config: TrainConfig, start: int):
+def _progress_bar(config: TrainConfig, start: int, disable: bool):
     from tqdm.auto import tqdm
 
     arm = "SAGAN" if config.attn else "baseline"
-    return tqdm(total=config.steps, initial=start, disable=config.quiet, desc=f"{arm} {config.dataset}",
+    return tqdm(total=config.steps, initial=start, disable=disable, desc=f"{arm} {config.dataset}",
                 unit="step", dynamic_ncols=True)
 
 
@@ -623,12 +731,17 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(overrides, extras)
         if extras.compare:
             runs = compare(config)
-            print("\n".join(f"{name}: {path}" for name, path in runs.items()))
+            message = "\n".join(f"{name}: {path}" for name, path in runs.items())
         else:
-            print(f"run directory: {train(config, resume=bool(extras.resume))}")
+            message = f"run directory: {train(config, resume=bool(extras.resume))}"
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(message)
     except (ConfigError, data.DataError, FileNotFoundError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
