@@ -46,7 +46,8 @@ class GeneratorBase(_GANNetwork):
 
     image_shape: tuple[int, int, int]
 
-    def __init__(self, attn: bool, z_dim: int, conv_dim: int, spectral_norm: bool, attn_variant: str):
+    def __init__(self, attn: bool = True, z_dim: int = 100, conv_dim: int = 64, spectral_norm: bool = True,
+                 attn_variant: str = "original"):
         super().__init__(attn, conv_dim, spectral_norm, attn_variant)
         if z_dim < 1:
             raise ValueError(f"z_dim must be positive, got {z_dim}")
@@ -67,7 +68,7 @@ class DiscriminatorBase(_GANNetwork):
 
     image_shape: tuple[int, int, int]
 
-    def __init__(self, attn: bool, conv_dim: int, spectral_norm: bool, attn_variant: str):
+    def __init__(self, attn: bool = True, conv_dim: int = 64, spectral_norm: bool = True, attn_variant: str = "original"):
         super().__init__(attn, conv_dim, spectral_norm, attn_variant)
         self.net = nn.Sequential(*self.layers())
 

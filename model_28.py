@@ -17,9 +17,6 @@ class Generator(GeneratorBase):
 
     image_shape = IMAGE_SHAPE
 
-    def __init__(self, attn: bool = True, z_dim: int = 100, conv_dim: int = 64, spectral_norm: bool = True, attn_variant: str = "original"):
-        super().__init__(attn, z_dim, conv_dim, spectral_norm, attn_variant)
-
     def layers(self) -> list[nn.Module]:
         d, sn = self.conv_dim, self.spectral_norm
         return [
@@ -35,9 +32,6 @@ class Discriminator(DiscriminatorBase):
     """1x28x28 -> 64x14x14 -> 128x7x7 -> 256x3x3 -> attention -> one logit."""
 
     image_shape = IMAGE_SHAPE
-
-    def __init__(self, attn: bool = True, conv_dim: int = 64, spectral_norm: bool = True, attn_variant: str = "original"):
-        super().__init__(attn, conv_dim, spectral_norm, attn_variant)
 
     def layers(self) -> list[nn.Module]:
         d, sn = self.conv_dim, self.spectral_norm

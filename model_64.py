@@ -14,9 +14,6 @@ class Generator(GeneratorBase):
 
     image_shape = IMAGE_SHAPE
 
-    def __init__(self, attn: bool = True, z_dim: int = 100, conv_dim: int = 64, spectral_norm: bool = True, attn_variant: str = "original"):
-        super().__init__(attn, z_dim, conv_dim, spectral_norm, attn_variant)
-
     def layers(self) -> list[nn.Module]:
         d, sn = self.conv_dim, self.spectral_norm
         return [
@@ -34,9 +31,6 @@ class Discriminator(DiscriminatorBase):
     """3x64x64 -> 64x32x32 -> 128x16x16 -> 256x8x8 -> attention -> 512x4x4 -> attention -> one logit."""
 
     image_shape = IMAGE_SHAPE
-
-    def __init__(self, attn: bool = True, conv_dim: int = 64, spectral_norm: bool = True, attn_variant: str = "original"):
-        super().__init__(attn, conv_dim, spectral_norm, attn_variant)
 
     def layers(self) -> list[nn.Module]:
         d, sn = self.conv_dim, self.spectral_norm
