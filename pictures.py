@@ -1,0 +1,405 @@
+"""Pictures of runs for the notebooks and the README: sample grids, comparison GIFs, curves and attention maps.
+
+Everything is read back from what train.py writes into a run directory (config.json, metrics.csv,
+fixed_z.pt, samples/step_*.png), so a picture can be made at any time: during training, after a
+resume, or from a run another process is still writing.
+"""
+import csv
+import io
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
+
+import data
+from attention import attention_layers
+from checkpoint import model_module, read_config
+from utils import to_unit_range
+
+ARM_TITLES = ("Without Attention", "With Attention")
+GRID_NAME = re.compile(r"step_(\d+)\.png")
+DATASET_SIZES = {"mnist": 60_000, "mnist-5k": 5_000}  # training images; other datasets are counted
+TRAINING_COLUMNS = ("step", "d_loss", "g_loss", "d_real", "d_fake", "img_per_s", "wall_time")
+WHITE, INK = (255, 255, 255), (20, 20, 20)
+
+# ---------------------------------------------------------------------------------------------- grids
+
+
+def sample_grids(run_dir: str | Path) -> dict[int, Path]:
+    """The run's sample grids (samples/step_N.png) by step, in step order."""
+    folder = Path(run_dir) / "samples"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist: is {run_dir} a run directory written by train.py?")
+    grids = {int(match.group(1)): path for path in folder.iterdir() if (match := GRID_NAME.fullmatch(path.name))}
+    return dict(sorted(grids.items()))
+
+
+def latest_grid(run_dir: str | Path) -> Path:
+    """The run's most recent sample grid."""
+    grids = sample_grids(run_dir)
+    if not grids:
+        raise FileNotFoundError(f"{run_dir}/samples holds no step_*.png grids yet: train for at least sample_every steps")
+    return grids[max(grids)]
+
+
+def real_grid(dataset: Dataset, n: int = 64, *, seed: int = 0) -> Image.Image:
+    """n random images of a dataset as an 8-wide grid, laid out like train.py's sample grids."""
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    images = torch.stack([dataset[int(index)][0] for index in indices])
+    return to_pil_image(make_grid(to_unit_range(images), nrow=8, padding=2))
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An image file read fully into memory (the file is closed again)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def fixed_noise(run_dir: str | Path) -> torch.Tensor:
+    """The 64 noise vectors behind the run's sample grids, (64, z_dim)."""
+    return torch.load(Path(run_dir) / "fixed_z.pt")
+
+
+# ---------------------------------------------------------------------------------------------- captions
+
+
+def caption_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's own scalable font (Pillow >= 10.1 ships it), so no font file is needed."""
+    return ImageFont.load_default(size=size)
+
+
+def compose(tiles: Sequence[Image.Image], titles: Sequence[str], footer: str | None = None) -> Image.Image:
+    """Tiles side by side on white, each under its title, with an optional footer line centred below."""
+    tiles = [tile.convert("RGB") for tile in tiles]
+    tile_width, tile_height = tiles[0].size
+    tiles = [tile if tile.size == (tile_width, tile_height) else tile.resize((tile_width, tile_height)) for tile in tiles]
+    font = caption_font(max(14, tile_width // 16))
+    line = math.ceil(font.size * 1.3) if hasattr(font, "size") else 14
+    margin = max(8, tile_width // 24)
+    width = len(tiles) * tile_width + (len(tiles) + 1) * margin
+    top = margin + line
+    height = top + tile_height + margin + (line + margin // 2 if footer else 0)
+    canvas = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(canvas)
+
+    def centred(text: str, centre_x: float, y: int) -> None:
+        draw.text((centre_x - draw.textlength(text, font=font) / 2, y), text, fill=INK, font=font)
+
+    for index, (tile, title) in enumerate(zip(tiles, titles, strict=True)):
+        left = margin + index * (tile_width + margin)
+        canvas.paste(tile, (left, top))
+        centred(title, left + tile_width / 2, margin // 2)
+    if footer:
+        centred(footer, width / 2, top + tile_height + margin // 2)
+    return canvas
+
+
+def captioned(image: Image.Image, caption: str) -> Image.Image:
+    """One image under a caption."""
+    return compose([image], [caption])
+
+
+# ---------------------------------------------------------------------------------------------- comparison GIF
+
+
+def images_per_epoch(config: dict) -> int:
+    """Images in one epoch of a run's dataset: known for MNIST, synthetic_size for 'synthetic', counted otherwise."""
+    name = config["dataset"]
+    if name in DATASET_SIZES:
+        return DATASET_SIZES[name]
+    if name == "synthetic":
+        return config["synthetic_size"]
+    channels = model_module(config["image_size"]).IMAGE_SHAPE[0]
+    return len(data.load_dataset(name, config.get("data_root"), image_size=config["image_size"], channels=channels))
+
+
+def epochs(step: int, batch_size: int, dataset_size: int) -> float:
+    """Passes over the data after `step` generator updates of `batch_size` images."""
+    return step * batch_size / dataset_size
+
+
+def epoch_caption(epoch_count: float) -> str:
+    """'After 0.25 epochs', 'After 1 epoch', 'After 3.5 epochs', 'After 12 epochs'."""
+    if epoch_count >= 10:
+        number = f"{epoch_count:.0f}"
+    elif epoch_count >= 1:
+        number = f"{epoch_count:.1f}".removesuffix(".0")
+    else:
+        number = f"{epoch_count:.2g}"
+    return f"After {number} epoch{'' if number == '1' else 's'}"
+
+
+def comparison_frame(grid_without: str | Path | Image.Image, grid_with: str | Path | Image.Image, caption: str) -> Image.Image:
+    """The two arms' grids side by side under 'Without Attention' / 'With Attention', the caption below."""
+    grids = [grid if isinstance(grid, Image.Image) else open_image(grid) for grid in (grid_without, grid_with)]
+    return compose(grids, ARM_TITLES, caption)
+
+
+def comparison_gif(run_without: str | Path, run_with: str | Path, path: str | Path, *, dataset_size: int | None = None,
+                   max_frames: int = 50, max_megabytes: float = 4.5, colors: int = 128, frame_ms: int = 250,
+                   last_frame_ms: int = 2500) -> Path:
+    """A looping GIF of both runs' sample grids at every step both have, captioned with epochs.
+
+    Frames are read from the grid files, so this works during training and after a resume. Beyond max_frames
+    steps, or when the file would exceed max_megabytes, evenly spaced steps are kept (always the first and last).
+    dataset_size (images per epoch) defaults to the run's dataset size; pass it when the dataset is loaded already.
+    """
+    grids_without, grids_with = sample_grids(run_without), sample_grids(run_with)
+    steps = sorted(grids_without.keys() & grids_with.keys())
+    if not steps:
+        raise FileNotFoundError(f"{run_without} and {run_with} have no sample grid of the same step: "
+                                f"compare runs trained with the same sample_every (train.compare does)")
+    config = _shared_config(run_without, run_with)
+    epoch_size = dataset_size or images_per_epoch(config)
+    frames = []
+    for step in evenly_spaced(steps, max_frames):
+        frame = comparison_frame(grids_without[step], grids_with[step],
+                                 epoch_caption(epochs(step, config["batch_size"], epoch_size)))
+        # Fewer colours than GIF's 256, picked per frame, compress far better and still look right.
+        frames.append(np.asarray(frame.quantize(colors, method=Image.Quantize.FASTOCTREE).convert("RGB")))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    budget = max_megabytes * 1e6
+    while True:
+        # loop=0: repeat forever; the last frame lingers so the final samples can be looked at.
+        iio.imwrite(path, frames, extension=".gif", duration=[frame_ms] * (len(frames) - 1) + [last_frame_ms], loop=0)
+        size = path.stat().st_size
+        if size <= budget or len(frames) <= 2:
+            return path
+        frames = evenly_spaced(frames, max(2, int(len(frames) * budget / size)))
+
+
+def _shared_config(run_without: str | Path, run_with: str | Path) -> dict:
+    """The config of the attention run, after checking that both runs saw the same data in the same batches."""
+    without, with_ = read_config(run_without), read_config(run_with)
+    for name in ("dataset", "batch_size"):
+        if without[name] != with_[name]:
+            raise ValueError(f"the runs differ in {name} ({run_without}: {without[name]!r}, {run_with}: {with_[name]!r}): "
+                             f"a side-by-side by epoch needs the same {name}")
+    return with_
+
+
+def evenly_spaced(items: Sequence, count: int) -> list:
+    """At most `count` items spread evenly over `items`, keeping the first and the last."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i] for i in sorted(set(np.linspace(0, len(items) - 1, count).round().astype(int).tolist()))]
+
+
+# ---------------------------------------------------------------------------------------------- curves
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """metrics.csv as one float array per numeric column; NaN where a row left the column empty."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory written by train.py?")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = {}
+    for name in rows[0].keys() if rows else ():
+        try:
+            columns[name] = np.array([float(row[name]) if row[name] not in ("", None) else math.nan for row in rows])
+        except ValueError:  # a text column has nothing to plot
+            continue
+    return columns
+
+
+def plot_curves(runs: Mapping[str, str | Path] | Sequence[str | Path], path: str | Path | None = None) -> Figure:
+    """Losses, mean D outputs, attention gammas and any evaluation columns against step, one line per run.
+
+    runs: {label: run_dir} (train.compare's result works as is) or run directories, labelled by folder name.
+    """
+    labelled = dict(runs) if isinstance(runs, Mapping) else {Path(run).name: run for run in runs}
+    metrics = {label.replace("_", " "): read_metrics(run) for label, run in labelled.items()}
+    panels = _curve_panels(metrics.values())
+    columns = min(len(panels), 3)
+    figure = Figure(figsize=(5 * columns, 3.6 * math.ceil(len(panels) / columns)), layout="constrained")
+    axes = figure.subplots(math.ceil(len(panels) / columns), columns, squeeze=False).flatten()
+    for axis, (title, names) in zip(axes, panels):
+        for colour, (label, run_metrics) in enumerate(metrics.items()):
+            for style, name in zip(("-", "--", ":", "-."), names):
+                if name in run_metrics and np.isfinite(run_metrics[name]).any():
+                    known = np.isfinite(run_metrics[name])
+                    axis.plot(run_metrics["step"][known], run_metrics[name][known], style, color=f"C{colour}",
+                              marker="o" if known.sum() < 20 else None, label=f"{label}: {name}")
+        axis.set(title=title, xlabel="step")
+        axis.legend(fontsize="small")
+    for axis in axes[len(panels):]:
+        axis.set_visible(False)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+    return figure
+
+
+def _curve_panels(all_metrics) -> list[tuple[str, list[str]]]:
+    """(title, columns) of each panel that has data in at least one run."""
+    names = list(dict.fromkeys(name for run_metrics in all_metrics for name in run_metrics))
+    gammas = [name for name in names if name.startswith("gamma_")]
+    evaluations = [name for name in names if name not in TRAINING_COLUMNS and name not in gammas]
+    panels = [("Losses", ["d_loss", "g_loss"]), ("Mean D output (logits)", ["d_real", "d_fake"]),
+              ("Attention gamma (0 = attention off)", gammas)] + [(name, [name]) for name in evaluations]
+    return [(title, columns) for title, columns in panels
+            if any(np.isfinite(m[c]).any() for m in all_metrics for c in columns if c in m)]
+
+
+# ---------------------------------------------------------------------------------------------- attention maps
+
+
+@dataclass
+class LayerAttention:
+    """One attention layer's map for one image: weights[q, k] from each query pixel to each key pixel."""
+
+    weights: torch.Tensor  # (N, Nk), rows sum to 1
+    query_grid: tuple[int, int]  # the layer's feature map (H', W'), N = H' * W'
+    key_grid: tuple[int, int]  # (H', W'), or (H'/2, W'/2) for the 'paper' variant's pooled keys
+
+    def for_pixel(self, row: int, col: int, image_size: tuple[int, int]) -> torch.Tensor:
+        """Where image pixel (row, col) attends at this layer: the weights of its query, spread over the image."""
+        height, width = image_size
+        query = (row * self.query_grid[0] // height) * self.query_grid[1] + col * self.query_grid[1] // width
+        weights = self.weights[query].view(1, 1, *self.key_grid)
+        return F.interpolate(weights, size=image_size, mode="nearest")[0, 0]
+
+
+def attention_maps(G: nn.Module, z: torch.Tensor | None = None, *, seed: int = 0) -> tuple[torch.Tensor, list[LayerAttention]]:
+    """G's image for one noise vector (C, H, W) in [-1, 1], and each attention layer's map for it, in forward order.
+
+    z: (1, z_dim) or (z_dim,); default: seeded normal noise.
+    """
+    layers = attention_layers(G)
+    if not layers:
+        raise ValueError("this generator has no attention layers (it is the no-attention baseline); "
+                         "load the with_attention run")
+    device = next(G.parameters()).device
+    if z is None:
+        z = torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(seed))
+    z = z.reshape(-1, G.z_dim)[:1].to(device)
+    maps = []
+
+    def record(layer: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        features = inputs[0]
+        # .forward rather than the module call: the call would run this hook again.
+        _, weights = layer.forward(features, return_attention=True)
+        grid = tuple(features.shape[2:])
+        keys = (grid[0] // 2, grid[1] // 2) if layer.variant == "paper" else grid
+        maps.append(LayerAttention(weights[0].float().cpu(), grid, keys))
+
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    was_training = G.training
+    G.eval()  # BatchNorm's running statistics, as in the sample grids
+    try:
+        with torch.no_grad():
+            image = G(z)[0].float().cpu()
+    finally:
+        G.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return image, maps
+
+
+def default_queries(height: int, width: int) -> list[tuple[int, int]]:
+    """Three query pixels (row, col) spread over the image."""
+    return [(round(height * fy), round(width * fx)) for fy, fx in ((0.3, 0.3), (0.5, 0.5), (0.7, 0.65))]
+
+
+def attention_figure(image: torch.Tensor, maps: Sequence[LayerAttention],
+                     queries: Sequence[tuple[int, int]] | None = None) -> Figure:
+    """One row per query pixel: the image with the query marked, then where it attends at each layer."""
+    height, width = image.shape[1:]
+    queries = list(queries or default_queries(height, width))
+    for row, col in queries:
+        if not (0 <= row < height and 0 <= col < width):
+            raise ValueError(f"query pixel (row={row}, col={col}) is outside the {height}x{width} image")
+    picture = to_unit_range(image).permute(1, 2, 0).squeeze(-1).numpy()
+    gray = {"cmap": "gray", "vmin": 0, "vmax": 1} if picture.ndim == 2 else {}
+    figure = Figure(figsize=(2.6 * (1 + len(maps)), 2.6 * len(queries)), layout="constrained")
+    axes = figure.subplots(len(queries), 1 + len(maps), squeeze=False)
+    for index, (row, col) in enumerate(queries):
+        axes[index, 0].imshow(picture, **gray)
+        axes[index, 0].set_title(f"query (row {row}, col {col})", fontsize="small")
+        for layer, (axis, layer_map) in enumerate(zip(axes[index, 1:], maps)):
+            axis.imshow(picture, **gray)
+            axis.imshow(layer_map.for_pixel(row, col, (height, width)).numpy(), cmap="inferno", alpha=0.65)
+            (q_h, q_w), (k_h, k_w) = layer_map.query_grid, layer_map.key_grid
+            axis.set_title(f"layer {layer}: {q_h}x{q_w} queries, {k_h}x{k_w} keys", fontsize="small")
+        for axis in axes[index]:
+            axis.plot(col, row, marker="o", markersize=7, markerfacecolor="cyan", markeredgecolor="black")
+            axis.set_axis_off()
+    return figure
+
+
+def plot_attention(G: nn.Module, queries: Sequence[tuple[int, int]] | None = None, *, z: torch.Tensor | None = None,
+                   seed: int = 0, path: str | Path | None = None) -> Figure:
+    """Where a few query pixels (row, col) of a generated image attend, at every attention layer of G."""
+    image, maps = attention_maps(G, z, seed=seed)
+    figure = attention_figure(image, maps, queries)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+    return figure
+
+
+def attention_picker(G: nn.Module, *, z: torch.Tensor | None = None, seed: int = 0):
+    """Sliders choosing the query pixel, redrawing where it attends; where ipywidgets is missing, a static picture."""
+    try:
+        import ipywidgets as widgets
+    except ImportError:
+        return figure_image(plot_attention(G, z=z, seed=seed))
+    image, maps = attention_maps(G, z, seed=seed)
+    height, width = image.shape[1:]
+    row = widgets.IntSlider(value=height // 2, min=0, max=height - 1, description="row")
+    col = widgets.IntSlider(value=width // 2, min=0, max=width - 1, description="col")
+    figure = widgets.interactive_output(lambda row, col: show(attention_figure(image, maps, [(row, col)])),
+                                        {"row": row, "col": col})
+    return widgets.VBox([widgets.HBox([row, col]), figure])
+
+
+# ---------------------------------------------------------------------------------------------- notebook display
+
+
+def figure_image(figure: Figure) -> Image.Image:
+    """A matplotlib figure rendered to a PIL image, which notebooks show whatever matplotlib backend is set up."""
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    png.seek(0)
+    return Image.open(png)
+
+
+def show(picture: Image.Image | Figure | str | Path) -> None:
+    """Show a PIL image, a matplotlib figure or an image file (an animated GIF plays) in the notebook."""
+    from IPython.display import Image as FileImage, display
+
+    if isinstance(picture, Figure):
+        picture = figure_image(picture)
+    display(picture if isinstance(picture, Image.Image) else FileImage(filename=str(picture)))
+
+
+def live_grids() -> Callable[[int, Path], None]:
+    """An on_sample callback for train()/compare(): each run's latest grid, shown once and updated in place."""
+    from IPython.display import display
+
+    handles = {}
+
+    def on_sample(step: int, grid: Path) -> None:
+        run_dir = Path(grid).parent.parent
+        picture = captioned(open_image(grid), f"{run_dir.name.replace('_', ' ')}, step {step}")
+        if handles.get(run_dir) is not None:  # display() returns no handle outside IPython
+            handles[run_dir].update(picture)
+        else:
+            handles[run_dir] = display(picture, display_id=True)
+
+    return on_sample

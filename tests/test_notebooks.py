@@ -1,0 +1,124 @@
+"""The two notebooks: committed clean, and executed top to bottom in a real Jupyter kernel with tiny settings."""
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ("SAGAN_mnist.ipynb", "SAGAN_celeba.ipynb")
+PARAMETERS = ("steps", "batch_size", "g_lr", "d_lr", "loss", "d_steps", "attn_variant", "ema_decay", "device",
+              "data_root", "out_dir", "demo_dir", "sample_every", "seed")
+ARMS = ("without_attention", "with_attention")
+# Grids, and GIF frames, at steps 2 and 4; one thread, as extra threads crawl on a busy two-core machine.
+TINY = dict(steps=4, batch_size=8, sample_every=2, device="cpu", threads=1)
+
+
+def parameters_cell(notebook: nbformat.NotebookNode) -> int:
+    """Index of the cell tagged 'parameters' (papermill's convention)."""
+    tagged = [i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"expected one cell tagged 'parameters', found {len(tagged)}"
+    return tagged[0]
+
+
+def with_parameters(name: str, **overrides) -> nbformat.NotebookNode:
+    """The notebook with `overrides` in a cell right after its parameters cell, the way papermill injects them."""
+    notebook = nbformat.read(ROOT / name, as_version=4)
+    injected = nbformat.v4.new_code_cell("\n".join(f"{key} = {value!r}" for key, value in overrides.items()))
+    injected.metadata["tags"] = ["injected-parameters"]
+    notebook.cells.insert(parameters_cell(notebook) + 1, injected)
+    return notebook
+
+
+def execute(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Run every cell in a python3 kernel started in the repository root, outputs written into `notebook`."""
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    return notebook
+
+
+def assert_image(path: Path, size: tuple[int, int] | None = None) -> None:
+    assert path.is_file(), f"{path} was not written"
+    with Image.open(path) as image:
+        image.verify()
+    if size:
+        with Image.open(path) as image:
+            assert image.size == size
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_committed_clean_with_every_parameter(name):
+    notebook = nbformat.read(ROOT / name, as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code), "clear the outputs before committing"
+    index = parameters_cell(notebook)
+    assert notebook.cells[index] is code[0], "the parameters cell must be the first code cell"
+    assigned = {line.split("=")[0].strip() for line in notebook.cells[index].source.splitlines() if "=" in line}
+    assert set(PARAMETERS) <= assigned, f"missing parameters: {sorted(set(PARAMETERS) - assigned)}"
+
+
+def check_outputs(notebook: nbformat.NotebookNode, tmp_path: Path, name: str, grid_size: int) -> None:
+    """Both runs' grids, the comparison GIF (one frame per common grid, looping) and the figures exist and are valid."""
+    for arm in ARMS:
+        for step in (2, 4):
+            assert_image(tmp_path / "runs" / arm / "samples" / f"step_{step:06d}.png", (grid_size, grid_size))
+    gif = tmp_path / "demo" / f"comparison_{name}.gif"
+    assert_image(gif)
+    common_steps = set.intersection(*({path.name for path in (tmp_path / "runs" / arm / "samples").glob("step_*.png")}
+                                      for arm in ARMS))
+    with Image.open(gif) as image:
+        assert image.n_frames == len(common_steps) == 2
+        assert image.info["loop"] == 0
+        assert image.width > 2 * grid_size and image.height > grid_size
+    assert_image(tmp_path / "demo" / f"curves_{name}.png")
+    assert_image(tmp_path / "demo" / f"attention_{name}.png")
+
+    assert len(shown(notebook, "compare(config", "image/png")) == 2, "each run's latest grid is shown once, then updated"
+    assert shown(notebook, "comparison_gif(", "image/gif")
+    assert shown(notebook, "plot_curves(", "image/png") and shown(notebook, "plot_attention(", "image/png")
+    assert shown(notebook, "attention_picker(", "application/vnd.jupyter.widget-view+json")
+    widgets = notebook.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"].values()
+    picker_outputs = [output for widget in widgets if widget["model_name"] == "OutputModel" for output in widget["state"]["outputs"]]
+    assert any("image/png" in output.get("data", {}) for output in picker_outputs), "the picker draws its first figure"
+
+
+def code_cell(notebook: nbformat.NotebookNode, code: str) -> nbformat.NotebookNode:
+    """The code cell whose source contains `code`."""
+    (cell,) = [cell for cell in notebook.cells if cell.cell_type == "code" and code in cell.source]
+    return cell
+
+
+def shown(notebook: nbformat.NotebookNode, code: str, mime_type: str) -> list:
+    """The outputs of type `mime_type` of the cell whose source contains `code`."""
+    return [output for output in code_cell(notebook, code).outputs if mime_type in output.get("data", {})]
+
+
+@pytest.mark.slow
+def test_mnist_notebook_runs_top_to_bottom(data_root, tmp_path):
+    notebook = execute(with_parameters("SAGAN_mnist.ipynb", **TINY, eval_n=64, data_root=str(data_root),
+                                       out_dir=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
+    check_outputs(notebook, tmp_path, "mnist", grid_size=2 + 8 * 30)
+    table = "".join(output.text for output in code_cell(notebook, "evaluate_checkpoint(").outputs if output.get("name") == "stdout")
+    assert table.count("classifier fid") == 2 and table.count("n_images: 64") == 2, "a quality table for each model"
+
+
+@pytest.mark.slow
+def test_celeba_notebook_runs_top_to_bottom(data_root, tmp_path):
+    # eval_n=0: no quality table, as Inception's reference statistics take minutes on a CPU.
+    notebook = execute(with_parameters("SAGAN_celeba.ipynb", **TINY, eval_n=0, data_root=str(data_root),
+                                       out_dir=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
+    check_outputs(notebook, tmp_path, "celebA", grid_size=2 + 8 * 66)
+
+
+@pytest.mark.slow
+def test_celeba_notebook_says_how_to_get_celeba_when_it_is_missing(tmp_path):
+    notebook = with_parameters("SAGAN_celeba.ipynb", data_root=str(tmp_path), out_dir=str(tmp_path / "runs"),
+                               demo_dir=str(tmp_path / "demo"))
+    with pytest.raises(CellExecutionError, match="CelebA not found"):
+        execute(notebook)
+    printed = "".join(output.text for output in code_cell(notebook, 'load_dataset("celeba"').outputs
+                      if output.get("name") == "stdout")
+    assert "CelebA is missing" in printed and f"{tmp_path}/celeba/img_align_celeba/000001.jpg" in printed
+    assert not (tmp_path / "runs").exists()

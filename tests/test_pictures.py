@@ -1,0 +1,231 @@
+"""pictures.py: grids, the comparison GIF (also after a resume), epochs, curves and attention maps."""
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import model_28
+import model_64
+import pictures
+import train
+from attention import attention_layers
+from train import TrainConfig
+
+TINY = dict(dataset="synthetic", image_size=28, synthetic_size=64, conv_dim=16, batch_size=8, steps=6,
+            sample_every=3, log_every=1, checkpoint_every=3, quiet=True, device="cpu")
+GRID = 2 + 8 * 30  # an 8x8 grid of 28x28 images with 2-pixel padding
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Both arms of a tiny comparison trained to step 6, then resumed to step 9: grids at steps 3, 6 and 9."""
+    threads = torch.get_num_threads()
+    # One thread: tiny models gain nothing from more, and a busy machine makes extra threads very slow.
+    config = TrainConfig(**TINY, threads=1, out=str(tmp_path_factory.mktemp("compare")))
+    try:
+        train.compare(config)
+        return train.compare(dataclasses.replace(config, steps=9))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fake_run(folder: Path, steps: list[int], batch_size: int = 8, seed: int = 0) -> Path:
+    """A run directory holding only what the GIF reads: config.json and noise grids at `steps`."""
+    (folder / "samples").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"dataset": "synthetic", "synthetic_size": 64, "batch_size": batch_size}))
+    rng = np.random.default_rng(seed)
+    for step in steps:
+        Image.fromarray(rng.integers(0, 256, (GRID, GRID, 3), dtype=np.uint8)).save(folder / "samples" / f"step_{step:06d}.png")
+    return folder
+
+
+def gif_frames(path: Path) -> tuple[list[np.ndarray], list[int], dict]:
+    """RGB frames, per-frame durations (ms) and the header info of a GIF."""
+    frames, durations = [], []
+    with Image.open(path) as gif:
+        info = dict(gif.info)
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            frames.append(np.asarray(gif.convert("RGB"), dtype=np.int16))
+            durations.append(gif.info["duration"])
+    return frames, durations, info
+
+
+def pixel_errors(frame: np.ndarray, expected: Image.Image) -> np.ndarray:
+    """Per pixel, the largest channel difference between a GIF frame and the picture it should show."""
+    return np.abs(frame - np.asarray(expected, dtype=np.int16)).max(axis=2)
+
+
+# Quantising a grey grid to the GIF's palette moves a pixel by a few levels; a wrong grid or caption by far more.
+QUANTISATION_ERROR = 16
+
+
+def test_epochs_and_their_captions():
+    assert pictures.epochs(6, 8, 64) == 0.75
+    assert pictures.epochs(1000, 64, 60_000) == pytest.approx(1.0667, abs=1e-4)
+    assert pictures.epoch_caption(0.75) == "After 0.75 epochs"
+    assert pictures.epoch_caption(0.004) == "After 0.004 epochs"
+    assert pictures.epoch_caption(1.0) == "After 1 epoch"
+    assert pictures.epoch_caption(3.54) == "After 3.5 epochs"
+    assert pictures.epoch_caption(12.4) == "After 12 epochs"
+
+
+def test_images_per_epoch_of_each_kind_of_dataset(tmp_path):
+    assert pictures.images_per_epoch({"dataset": "mnist"}) == 60_000
+    assert pictures.images_per_epoch({"dataset": "mnist-5k"}) == 5_000
+    assert pictures.images_per_epoch({"dataset": "synthetic", "synthetic_size": 300}) == 300
+    for index in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{index}.png")
+    assert pictures.images_per_epoch({"dataset": "folder", "data_root": str(tmp_path), "image_size": 64}) == 3
+
+
+def test_evenly_spaced_keeps_first_and_last():
+    assert pictures.evenly_spaced(list(range(10)), 4) == [0, 3, 6, 9]
+    assert pictures.evenly_spaced([5, 7], 4) == [5, 7]
+
+
+def test_compose_puts_titles_over_tiles_side_by_side_and_a_footer_below():
+    red, blue = Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (40, 30), (0, 0, 255))
+    picture = np.asarray(pictures.compose([red, blue], ["left", "right"], "footer"))
+    (red_rows, red_cols), (blue_rows, blue_cols) = (np.nonzero((picture == colour).all(axis=2))
+                                                    for colour in ((255, 0, 0), (0, 0, 255)))
+    assert (np.ptp(red_rows) + 1, np.ptp(red_cols) + 1, len(red_rows)) == (30, 40, 1200)
+    assert (blue_rows.min(), np.ptp(blue_rows) + 1, len(blue_rows)) == (red_rows.min(), 30, 1200)
+    assert blue_cols.min() > red_cols.max()
+    ink = (picture < 100).all(axis=2)  # dark text pixels
+    assert ink[:red_rows.min(), red_cols.min():red_cols.max()].any() and ink[:red_rows.min(), blue_cols.min():blue_cols.max()].any()
+    assert ink[red_rows.max() + 1:].any()
+
+
+def test_comparison_gif_after_a_resume(runs, tmp_path):
+    without, with_ = runs["without_attention"], runs["with_attention"]
+    assert list(pictures.sample_grids(with_)) == [3, 6, 9]  # steps 3 and 6 before the resume, 9 after
+    assert pictures.latest_grid(with_).name == "step_000009.png"
+    gif = pictures.comparison_gif(without, with_, tmp_path / "demo" / "comparison.gif")
+    frames, durations, info = gif_frames(gif)
+    assert len(frames) == 3 and info["loop"] == 0
+    assert durations[-1] > durations[0], "the last frame lingers"
+    for frame, step, caption in zip(frames, (3, 6, 9), ("After 0.38 epochs", "After 0.75 epochs", "After 1.1 epochs")):
+        assert pictures.epoch_caption(pictures.epochs(step, TINY["batch_size"], TINY["synthetic_size"])) == caption
+        expected = pictures.comparison_frame(without / "samples" / f"step_{step:06d}.png",
+                                             with_ / "samples" / f"step_{step:06d}.png", caption)
+        assert frame.shape[1] > 2 * GRID and frame.shape[0] > GRID
+        assert pixel_errors(frame, expected).max() <= QUANTISATION_ERROR, f"frame of step {step}: both grids and the caption"
+    wrong_caption = pictures.comparison_frame(without / "samples" / "step_000003.png", with_ / "samples" / "step_000003.png",
+                                              "After 9 epochs")
+    assert pixel_errors(frames[0], wrong_caption).max() > QUANTISATION_ERROR, "the comparison above tells captions apart"
+
+
+def test_gif_keeps_first_and_last_frames_within_its_limits(tmp_path):
+    steps = [100, 200, 300, 400, 500]
+    without, with_ = fake_run(tmp_path / "a", steps, seed=0), fake_run(tmp_path / "b", steps, seed=1)
+    path = tmp_path / "c.gif"
+    assert len(gif_frames(pictures.comparison_gif(without, with_, path, max_frames=3))[0]) == 3
+    frames, _, _ = gif_frames(pictures.comparison_gif(without, with_, path, max_megabytes=0.001))
+    assert len(frames) == 2  # noise does not compress: only the first and the last step fit
+    first, last = (pictures.comparison_frame(without / "samples" / f"step_{step:06d}.png",
+                                             with_ / "samples" / f"step_{step:06d}.png", caption)
+                   for step, caption in ((100, "After 12 epochs"), (500, "After 62 epochs")))
+    # Colour noise loses much to a 128-colour palette, so each frame is only compared with the other candidate.
+    assert pixel_errors(frames[0], first).mean() < pixel_errors(frames[0], last).mean()
+    assert pixel_errors(frames[1], last).mean() < pixel_errors(frames[1], first).mean()
+
+
+def test_gif_refuses_runs_that_cannot_be_compared(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no sample grid of the same step"):
+        pictures.comparison_gif(fake_run(tmp_path / "a", [100]), fake_run(tmp_path / "b", [200]), tmp_path / "c.gif")
+    with pytest.raises(ValueError, match="batch_size"):
+        pictures.comparison_gif(fake_run(tmp_path / "c", [100]), fake_run(tmp_path / "d", [100], batch_size=16), tmp_path / "c.gif")
+    with pytest.raises(FileNotFoundError, match="run directory"):
+        pictures.sample_grids(tmp_path / "nowhere")
+
+
+def test_real_grid_is_laid_out_like_the_sample_grids():
+    dataset = data.load_dataset("synthetic", image_size=28, channels=1, size=70)
+    grid = pictures.real_grid(dataset)
+    assert grid.size == (GRID, GRID)
+    assert pictures.real_grid(dataset, seed=1).tobytes() != grid.tobytes()
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> Path:
+    run_dir.mkdir()
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return run_dir
+
+
+def test_curves_compare_runs_and_plot_evaluation_columns(tmp_path):
+    common = dict(d_loss=1.5, g_loss=0.5, d_real=0.2, d_fake=-0.2, img_per_s=100, wall_time=1)
+    baseline = write_metrics(tmp_path / "without_attention", [{"step": s, **common} for s in (10, 20, 30)])
+    sagan = write_metrics(tmp_path / "with_attention",
+                          [{"step": s, **common, "gamma_G0": 0.01 * s, "gamma_D0": -0.01 * s, "fid_classifier": fid}
+                           for s, fid in ((10, ""), (20, 42.0), (30, ""))])
+    figure = pictures.plot_curves({"without_attention": baseline, "with_attention": sagan}, tmp_path / "curves.png")
+    panels = {axis.get_title(): axis for axis in figure.axes if axis.get_visible()}
+    assert list(panels) == ["Losses", "Mean D output (logits)", "Attention gamma (0 = attention off)", "fid_classifier"]
+    assert len(panels["Losses"].lines) == 4  # d_loss and g_loss of both runs
+    assert [line.get_label() for line in panels["Attention gamma (0 = attention off)"].lines] == \
+        ["with attention: gamma_G0", "with attention: gamma_D0"]
+    (fid,) = panels["fid_classifier"].lines
+    assert list(fid.get_xdata()) == [20] and list(fid.get_ydata()) == [42.0]
+    with Image.open(tmp_path / "curves.png") as image:
+        image.verify()
+    labels = [line.get_label() for line in pictures.plot_curves([baseline]).axes[0].lines]
+    assert labels == ["without attention: d_loss", "without attention: g_loss"]  # labelled by folder name
+
+
+def test_attention_maps_record_each_layer_without_changing_the_image():
+    G = model_64.Generator(conv_dim=16).eval()
+    z = torch.randn(1, G.z_dim)
+    image, maps = pictures.attention_maps(G, z)
+    assert torch.allclose(image, G(z)[0], atol=1e-5)
+    assert [(m.query_grid, m.key_grid) for m in maps] == [((16, 16), (16, 16)), ((32, 32), (32, 32))]
+    for layer_map in maps:
+        assert torch.allclose(layer_map.weights.sum(dim=1), torch.ones(len(layer_map.weights)), atol=1e-5)
+    assert all(not layer._forward_hooks for layer in attention_layers(G)), "hooks are removed"
+
+
+def test_a_query_that_matches_every_key_equally_attends_uniformly():
+    G = model_28.Generator(conv_dim=16).eval()
+    (layer,) = attention_layers(G)
+    with torch.no_grad():
+        layer.query.weight.zero_()
+        layer.query.bias.zero_()
+    _, (layer_map,) = pictures.attention_maps(G, seed=3)
+    assert layer_map.weights.shape == (196, 196)
+    assert torch.allclose(layer_map.weights, torch.full((196, 196), 1 / 196))
+
+
+@pytest.mark.parametrize("variant, key_grid, cell", [("original", (14, 14), 2), ("paper", (7, 7), 4)])
+def test_a_pixel_maps_to_its_query_and_its_row_spreads_over_the_image(variant, key_grid, cell):
+    G = model_28.Generator(conv_dim=16, attn_variant=variant).eval()
+    _, (layer_map,) = pictures.attention_maps(G)
+    assert layer_map.key_grid == key_grid and layer_map.weights.shape == (196, key_grid[0] * key_grid[1])
+    heat = layer_map.for_pixel(27, 0, (28, 28))  # bottom-left pixel: query row 13, column 0 of the 14x14 grid
+    assert heat.shape == (28, 28)
+    assert torch.equal(heat[::cell, ::cell].flatten(), layer_map.weights[13 * 14])
+
+
+def test_attention_figure_has_a_row_per_query_and_refuses_bad_input(tmp_path):
+    G = model_28.Generator(conv_dim=16).eval()
+    figure = pictures.plot_attention(G, [(0, 0), (27, 27)], path=tmp_path / "attention.png")
+    assert len(figure.axes) == 2 * (1 + 1)  # per query: the image, then one layer
+    assert (tmp_path / "attention.png").is_file()
+    with pytest.raises(ValueError, match="outside the 28x28 image"):
+        pictures.plot_attention(G, [(28, 0)])
+    with pytest.raises(ValueError, match="no attention layers"):
+        pictures.attention_maps(model_28.Generator(attn=False, conv_dim=16))
+
+
+def test_attention_picker_offers_every_pixel():
+    widget = pictures.attention_picker(model_28.Generator(conv_dim=16).eval())
+    row, col = widget.children[0].children
+    assert (row.max, col.max) == (27, 27)
