@@ -563,9 +563,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
         torch.set_num_threads(config.threads)
     job, device = setup_distributed(config.device)
     if dataset is None:
-        dataset, config.dataset = data.load_dataset_with_fallback(
-            config.dataset, config.data_root, image_size=config.image_size, channels=config.channels,
-            size=config.synthetic_size, seed=config.seed)
+        dataset, config.dataset = load_training_data(config)
     run_dir = _shared_run_dir(config, job)
     config.out = str(run_dir)
     state = build_state(config, dataset, device, job)
@@ -623,6 +621,13 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
         if log:
             log.close()
     return run_dir
+
+
+def load_training_data(config: TrainConfig) -> tuple[Dataset, str]:
+    """The whole training set of config.dataset (MNIST falls back to mnist-5k offline), and its name."""
+    size = config.synthetic_size if config.dataset == "synthetic" else None
+    return data.load_dataset_with_fallback(config.dataset, config.data_root, image_size=config.image_size,
+                                           channels=config.channels, size=size, seed=config.seed)
 
 
 def _shared_run_dir(config: TrainConfig, job: Distributed) -> Path:

@@ -229,3 +229,12 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_the_run_resumes(tmp_path):
     step = load_checkpoint(out)["step"]
     assert 2 <= step < 100000
     assert "Resume with" in stdout + stderr
+
+
+def test_training_uses_the_whole_dataset(data_root):
+    dataset, name = train.load_training_data(TrainConfig(dataset="mnist", data_root=str(data_root), synthetic_size=64))
+    assert name == "mnist" and len(dataset) == 60_000
+    dataset, _ = train.load_training_data(TrainConfig(dataset="celeba", data_root=str(data_root), synthetic_size=64))
+    assert len(dataset) == 10_000
+    dataset, _ = train.load_training_data(TrainConfig(dataset="synthetic", synthetic_size=64))
+    assert len(dataset) == 64
