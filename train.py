@@ -556,6 +556,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     dataset: use this dataset instead of loading config.dataset (items: (image in [-1, 1], label)).
     resume: continue the run in config.out from its latest checkpoint (train.py --resume does this).
     on_sample: called with (step, grid path) after each sample grid (the notebooks show it inline).
+    Ctrl-C checkpoints at the next step boundary, then raises KeyboardInterrupt.
     Under torchrun every process calls this; only rank 0 writes the run directory.
     """
     config = dataclasses.replace(config)  # the caller's config stays as it was
@@ -613,9 +614,9 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
                             on_sample(step, grid)
                     if step % config.checkpoint_every == 0 or step == config.steps or stopping:
                         last_good = save_checkpoint(state, run_dir)
-                if stopping:
-                    progress.write(f"Stopped at step {step}; checkpoint saved. Resume with: python train.py --resume {run_dir}")
-                    break
+                if stopping:  # checkpointed above; raising tells callers (compare, notebooks) to stop too
+                    raise KeyboardInterrupt(f"Stopped at step {step}; checkpoint saved. "
+                                            f"Resume with: python train.py --resume {run_dir}")
     finally:
         progress.close()
         if log:
@@ -744,6 +745,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, data.DataError, FileNotFoundError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        print(interrupt or "Interrupted.", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -225,10 +225,13 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_the_run_resumes(tmp_path):
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr
+    assert process.returncode == 130, stderr
     step = load_checkpoint(out)["step"]
     assert 2 <= step < 100000
-    assert "Resume with" in stdout + stderr
+    assert f"Stopped at step {step}; checkpoint saved. Resume with" in stderr
+    resumed = _cli("--resume", str(out), "--steps", str(step + 1), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(out)["step"] == step + 1
 
 
 def test_training_uses_the_whole_dataset(data_root):
