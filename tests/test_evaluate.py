@@ -188,22 +188,44 @@ def test_inception_features_match_the_packages_own_extractor(data_root):
     assert np.array_equal(evaluate.inception_features(faces), ours)  # deterministic run to run
 
 
-@pytest.mark.slow
-def test_cli_prints_the_mnist_floor_as_json(data_root):
-    command = [sys.executable, "evaluate.py", "--floor", "mnist", "--n", "500", "--data-root", str(data_root), "--json"]
-    result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True,
-                                       cwd=evaluate.Path(evaluate.__file__).parent).stdout)
-    assert result["classifier"]["fid"] < 40.0  # 22.3 measured at n=500
-    assert result["protocol"]["n_images"] == 500 and result["protocol"]["reference_size"] == 10000
-
-
-def test_cli_prints_a_table_by_default(data_root, capsys):
-    assert evaluate.main(["--floor", "mnist", "--n", "300", "--data-root", str(data_root)]) == 0
+def test_cli_prints_the_floor_as_a_table_or_json(data_root, capsys):
+    arguments = ["--floor", "mnist", "--n", "500", "--data-root", str(data_root)]
+    assert evaluate.main(arguments) == 0
     table = capsys.readouterr().out
     assert "classifier fid" in table and "classifier classes_covered" in table
-    assert "reference: MNIST test" in table and "n_images: 300" in table
+    assert "reference: MNIST test" in table and "n_images: 500" in table
+    assert evaluate.main(arguments + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["classifier"]["fid"] < 40.0  # 22.3 measured at n=500
+    assert result["protocol"]["n_images"] == 500 and result["protocol"]["reference_size"] == 10000
 
 
 def test_cli_reports_missing_inputs_without_a_traceback(tmp_path, capsys):
     assert evaluate.main(["--floor", "mnist", "--n", "10", "--data-root", str(tmp_path)]) == 2
     assert "MNIST" in capsys.readouterr().err
+
+
+def test_training_evaluator_fills_its_columns(data_root):
+    evaluator = evaluate.TrainingEvaluator("mnist-5k", data_root=data_root, seed=3)
+    digits = evaluate._real_images("mnist", "floor", 500, data_root, seed=2)
+    row = evaluator(_ReplayGenerator(digits), 500)
+    assert list(row) == evaluator.columns == ["classifier_fid", "classifier_score", "classes_covered"]
+    assert row["classifier_fid"] < 50.0 and row["classes_covered"] == 10
+    assert evaluator.protocol(500)["n_images"] == 500
+
+
+@pytest.mark.slow
+def test_cli_scores_a_short_real_training_run(data_root, tmp_path):
+    root = evaluate.Path(evaluate.__file__).parent
+    run_dir = tmp_path / "run"
+    subprocess.run([sys.executable, "train.py", "--dataset", "mnist", "--data-root", str(data_root), "--steps", "2",
+                    "--batch-size", "16", "--eval-every", "2", "--eval-n", "200", "--out", str(run_dir), "--quiet"],
+                   check=True, capture_output=True, text=True, cwd=root)
+    assert "classifier_fid" in (run_dir / "metrics.csv").read_text().splitlines()[0]
+    output = subprocess.run([sys.executable, "evaluate.py", str(run_dir), "--n", "200", "--json",
+                             "--data-root", str(data_root)], check=True, capture_output=True, text=True, cwd=root)
+    result = json.loads(output.stdout)
+    # Two training steps are far from digits: far above the real floor, and few classes covered.
+    assert result["classifier"]["fid"] > 500 and result["classifier"]["classes_covered"] < 10
+    assert result["protocol"]["step"] == 2 and result["protocol"]["n_images"] == 200
+    assert result["protocol"]["checkpoint"] == str(run_dir)
