@@ -8,7 +8,6 @@ SHARED_DATA := $(abspath ../shared/data)
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
@@ -18,6 +17,11 @@ install: $(VENV)/.installed
 # Tests find real data through SAGAN_DATA (default: ../shared/data) and skip, saying why, without it.
 test: install
 	SAGAN_DATA=$${SAGAN_DATA:-$(SHARED_DATA)} $(PY) -m pytest
+
+# The main job: SAGAN and its baseline on MNIST, headless, as the notebook runs it; writes
+# demo/comparison_mnist.gif, curves and attention maps (a rerun resumes from runs/mnist_comparison).
+demo: install
+	$(VENV)/bin/jupyter execute SAGAN_mnist.ipynb
 
 clean:
 	rm -rf $(VENV) .pytest_cache
