@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED_DATA := $(abspath ../shared/data)
 
-.PHONY: install test demo clean
+.PHONY: install test demo results clean
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: install
 # demo/comparison_mnist.gif, curves and attention maps (a rerun resumes from runs/mnist_comparison).
 demo: install
 	$(VENV)/bin/jupyter execute SAGAN_mnist.ipynb
+
+# Every published result (demo/results_*.md, GIFs, curves, attention maps, weights/); resumes runs/results.
+results: install
+	$(PY) results.py mnist --steps 5000
+	$(PY) results.py celeba --steps 3000
 
 clean:
 	rm -rf $(VENV) .pytest_cache

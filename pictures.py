@@ -174,7 +174,8 @@ def comparison_gif(run_without: str | Path, run_with: str | Path, path: str | Pa
     budget = max_megabytes * 1e6
     while True:
         # loop=0: repeat forever; the last frame lingers so the final samples can be looked at.
-        iio.imwrite(path, frames, extension=".gif", duration=[frame_ms] * (len(frames) - 1) + [last_frame_ms], loop=0)
+        durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
+        iio.imwrite(path, frames, extension=".gif", duration=durations if len(frames) > 1 else last_frame_ms, loop=0)
         size = path.stat().st_size
         if size <= budget or len(frames) <= 2:
             return path

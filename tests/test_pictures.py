@@ -137,6 +137,13 @@ def test_gif_keeps_first_and_last_frames_within_its_limits(tmp_path):
     assert pixel_errors(frames[1], last).mean() < pixel_errors(frames[1], first).mean()
 
 
+def test_gif_of_runs_with_a_single_common_grid(tmp_path):
+    """A short run saves only its final grid: one frame, still a valid looping GIF."""
+    without, with_ = fake_run(tmp_path / "a", [4], seed=0), fake_run(tmp_path / "b", [4], seed=1)
+    frames, _, _ = gif_frames(pictures.comparison_gif(without, with_, tmp_path / "c.gif"))
+    assert len(frames) == 1
+
+
 def test_gif_refuses_runs_that_cannot_be_compared(tmp_path):
     with pytest.raises(FileNotFoundError, match="no sample grid of the same step"):
         pictures.comparison_gif(fake_run(tmp_path / "a", [100]), fake_run(tmp_path / "b", [200]), tmp_path / "c.gif")
