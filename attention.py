@@ -8,6 +8,11 @@ The fused path calls F.scaled_dot_product_attention and never materialises the N
 CPU flash kernel needs query, key and value of equal width, but SAGAN's query/key are narrower than
 its value; zero-padding query and key to the value's width leaves every dot product, hence every
 output and gradient, exactly as it was. The explicit path builds the map and returns it, for pictures.
+
+Speed: the three 1x1 projections run as one matrix product over the pixel sequence, which hands the
+kernel pixel-major rows without the transposing copies of three NCHW convs; gamma is folded into the
+last linear map (the values, or the 'paper' output conv): exact algebra, and at gamma = 0 the output
+is x + 0 == x bit for bit.
 """
 from typing import Literal
 
@@ -19,6 +24,11 @@ from spectral import maybe_spectral_norm
 
 AttentionVariant = Literal["original", "paper"]
 ATTENTION_VARIANTS = ("original", "paper")
+
+
+def _matrix(conv: nn.Conv2d) -> torch.Tensor:
+    """A 1x1 conv's (possibly spectral-normed) weight as an (out, in) matrix."""
+    return conv.weight.flatten(1)
 
 
 class SelfAttention(nn.Module):
@@ -43,16 +53,33 @@ class SelfAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(()))
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, N, Cqk), keys (B, Nk, Cqk) and values (B, Nk, Cv) as pixel-major sequences."""
-        keys, values = self.key(x), self.value(x)
+        """Queries (B, N, W), keys (B, Nk, W) and values (B, Nk, W) as pixel-major sequences, W the value
+        width: queries and keys zero-padded to it, and in the 'original' variant the values times gamma."""
+        value_weight, value_bias = _matrix(self.value), self.value.bias
+        if self.variant == "original":
+            value_weight, value_bias = self.gamma * value_weight, self.gamma * value_bias
+        weight = torch.cat([_matrix(self.query), _matrix(self.key), value_weight])
+        bias = torch.cat([self.query.bias, self.key.bias, value_bias])
+        qk_width, width = self.query.out_channels, value_weight.shape[0]
+        q, k, v = F.linear(x.flatten(2).transpose(1, 2), weight, bias).split([qk_width, qk_width, width], dim=-1)
         if self.variant == "paper":
-            keys, values = F.max_pool2d(keys, 2), F.max_pool2d(values, 2)
-        return tuple(t.flatten(2).transpose(1, 2) for t in (self.query(x), keys, values))
+            k, v = (self._pool(t, x.shape[2:]) for t in (k, v))
+        return F.pad(q, (0, width - qk_width)), F.pad(k, (0, width - qk_width)), v
 
-    def _attend_fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        pad = v.shape[-1] - q.shape[-1]
-        # Fused kernels need a unit stride along channels; from an NCHW map, v is strided by N.
-        q, k, v = F.pad(q, (0, pad)), F.pad(k, (0, pad)), v.contiguous()
+    @staticmethod
+    def _pool(sequence: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """2x2 max-pool a pixel-major sequence (B, N, W) of an (H, W) map."""
+        grid = sequence.transpose(1, 2).unflatten(2, size)
+        return F.max_pool2d(grid, 2).flatten(2).transpose(1, 2)
+
+    def _output(self, attended: torch.Tensor) -> torch.Tensor:
+        """The attended values (B, N, W) mapped back to C channels and scaled by gamma."""
+        if self.variant == "original":
+            return attended  # gamma is already in the values
+        return F.linear(attended, self.gamma * _matrix(self.out), self.gamma * self.out.bias)
+
+    @staticmethod
+    def _attend_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # The SDPA kernels keep the softmax in fp32 under autocast; scale=1.0 keeps SAGAN's raw q.k.
         return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0).squeeze(1)
 
@@ -68,8 +95,7 @@ class SelfAttention(nn.Module):
             attended, attention = self._attend_explicit(q, k, v)
         else:
             attended = self._attend_fused(q, k, v)
-        attended = attended.transpose(1, 2).unflatten(2, x.shape[2:])
-        out = x + self.gamma * self.out(attended)
+        out = x + self._output(attended).transpose(1, 2).unflatten(2, x.shape[2:])
         return (out, attention) if return_attention else out
 
     def extra_repr(self) -> str:
