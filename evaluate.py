@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+import data
 import mnist_classifier
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -248,9 +249,9 @@ def _celeba_images(root: Path, indices: range | list[int]) -> torch.Tensor:
 def _real_images(dataset: str, part: str, n: int | None, data_root: str | Path | None, seed: int) -> torch.Tensor:
     """Real [-1, 1] images: the reference ('reference') or a seeded random n from the floor pool ('floor')."""
     # The one place that reads real data, to be swapped for data.load_dataset.
-    root = mnist_classifier.resolve_data_root(data_root)
+    root = data.resolve_data_root(data_root)
     if dataset == "mnist":
-        pool, _ = mnist_classifier._mnist_tensors(root, train=(part == "floor"))
+        pool, _ = mnist_classifier.mnist_tensors(root, train=(part == "floor"))
         size = len(pool)
     else:
         span = CELEBA_REFERENCE if part == "reference" else CELEBA_FLOOR_POOL
@@ -321,7 +322,7 @@ def score_images(images: torch.Tensor, dataset: str, *, metrics: tuple[str, ...]
         raise ValueError(f"unknown metrics {sorted(unknown)}: choose from {METRICS}")
     if "classifier" in metrics and dataset != "mnist":
         raise ValueError(f"the classifier metrics exist for MNIST only, not '{dataset}': use --metrics inception")
-    root = mnist_classifier.resolve_data_root(data_root)
+    root = data.resolve_data_root(data_root)
     scores = {}
     if "classifier" in metrics:
         features, probs = classifier_outputs(images, batch_size=batch_size, device=device)

@@ -4,15 +4,14 @@
 in weights/mnist_classifier.pt (committed, so evaluation never retrains on a fresh clone).
 """
 import argparse
-import gzip
-import os
-import struct
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "mnist_classifier.pt"
 FEATURE_DIM = 128
@@ -49,34 +48,10 @@ class MNISTClassifier(nn.Module):
         return self.classify(self.features(x))
 
 
-def resolve_data_root(root: str | Path | None) -> Path:
-    """Explicit root, else $SAGAN_DATA, else ./data (the rule data.resolve_data_root will own)."""
-    return Path(root or os.environ.get("SAGAN_DATA") or "data")
-
-
-def _read_idx(path: Path) -> torch.Tensor:
-    """One IDX file (MNIST's raw format, gzipped or not) as a uint8 tensor."""
-    gz = path.with_name(path.name + ".gz")
-    if path.is_file():
-        raw = path.read_bytes()
-    elif gz.is_file():
-        raw = gzip.decompress(gz.read_bytes())
-    else:
-        raise FileNotFoundError(f"{gz} not found: pass data_root or set SAGAN_DATA to the folder holding MNIST/raw")
-    ndim = raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
-
-
-def _mnist_tensors(root: str | Path | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def mnist_tensors(root: str | Path | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """All MNIST digits of one split as float (N, 1, 28, 28) in [-1, 1] and int64 labels."""
-    # Kept private and small so it can later be swapped for data.load_dataset('mnist', ...). It reads the
-    # raw files itself because torchvision >= 0.29 only accepts unpacked ones and the shared copy is gzipped.
-    raw = resolve_data_root(root) / "MNIST" / "raw"
-    prefix = "train" if train else "t10k"
-    images = _read_idx(raw / f"{prefix}-images-idx3-ubyte")
-    labels = _read_idx(raw / f"{prefix}-labels-idx1-ubyte")
-    return images.unsqueeze(1).float().div(127.5).sub(1.0), labels.long()
+    digits = data.load_dataset("mnist", root, image_size=28, channels=1, train=train)
+    return digits.images, digits.labels
 
 
 @torch.no_grad()
@@ -108,8 +83,8 @@ def train_classifier(data_root: str | Path | None = None, *, seed: int = TRAIN_S
 
 def _train(data_root: str | Path | None, seed: int, epochs: int) -> dict:
     torch.manual_seed(seed)
-    train_images, train_labels = _mnist_tensors(data_root, train=True)
-    test_images, test_labels = _mnist_tensors(data_root, train=False)
+    train_images, train_labels = mnist_tensors(data_root, train=True)
+    test_images, test_labels = mnist_tensors(data_root, train=False)
     model = MNISTClassifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)

@@ -83,7 +83,7 @@ def test_classifier_score_and_coverage_on_known_probabilities():
 
 
 def test_classifier_reaches_its_accuracy_on_the_test_set(data_root):
-    images, labels = mnist_classifier._mnist_tensors(data_root, train=False)
+    images, labels = mnist_classifier.mnist_tensors(data_root, train=False)
     model = mnist_classifier.load_classifier()
     assert mnist_classifier.accuracy(model, images, labels) >= mnist_classifier.REQUIRED_TEST_ACCURACY
     record = torch.load(mnist_classifier.WEIGHTS_PATH, weights_only=True)

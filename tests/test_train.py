@@ -1,7 +1,6 @@
 """Training engine: losses, one step, exact resume, atomic checkpoints, NaN guard, config checks, CLI."""
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
