@@ -84,8 +84,14 @@ def frechet_distance_from_stats(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.
         # Singular product: the usual remedy (as in the TTUR reference code) is a tiny diagonal offset.
         offset = np.eye(len(sigma_a)) * eps
         covmean = scipy.linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
-    # sqrtm of a product of PSD matrices is real in exact arithmetic; rounding leaves tiny imaginary parts.
-    covmean = np.real(covmean)
+    # sqrtm of a product of PSD matrices is real in exact arithmetic; rounding leaves tiny imaginary parts,
+    # and anything larger (the TTUR / pytorch-fid tolerance) means the statistics cannot be trusted.
+    if np.iscomplexobj(covmean):
+        largest = np.abs(np.diagonal(covmean).imag).max()
+        if largest > 1e-3:
+            raise ValueError(f"sqrtm of the covariance product has imaginary diagonal parts up to {largest:.3g}: "
+                             f"the feature statistics are numerically unreliable (too few images?)")
+        covmean = covmean.real
     diff = mu_a - mu_b
     return float(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * np.trace(covmean))
 
