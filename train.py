@@ -249,8 +249,11 @@ class TrainState:
     step: int = 0
 
     def __post_init__(self):
-        self.G_local, self.D_local = self.G_local or self.G, self.D_local or self.D
-        self.G_synced, self.D_synced = self.G_synced or self.G_local, self.D_synced or self.D_local
+        # `is None`, not truthiness: a compiled module has no __len__ to answer bool().
+        self.G_local = self.G if self.G_local is None else self.G_local
+        self.D_local = self.D if self.D_local is None else self.D_local
+        self.G_synced = self.G_local if self.G_synced is None else self.G_synced
+        self.D_synced = self.D_local if self.D_synced is None else self.D_synced
 
     def autocast(self):
         if self.amp_dtype is None:
