@@ -247,6 +247,7 @@ class TrainState:
     G_synced: Callable = None
     D_synced: Callable = None
     step: int = 0
+    wall_time: float = 0.0  # seconds of training so far, summed over every process that resumed the run
 
     def __post_init__(self):
         # `is None`, not truthiness: a compiled module has no __len__ to answer bool().
@@ -407,7 +408,7 @@ def state_dict(state: TrainState) -> dict:
         "G_ema": state.G_ema.state_dict() if state.G_ema is not None else None,
         "opt_G": state.opt_G.state_dict(), "opt_D": state.opt_D.state_dict(),
         "scaler": {"G": state.scaler_G.state_dict(), "D": state.scaler_D.state_dict()},
-        "step": state.step, "config": dataclasses.asdict(state.config), "rng": rng, "loader": state.loader.state_dict(),
+        "step": state.step, "wall_time": state.wall_time, "config": dataclasses.asdict(state.config), "rng": rng, "loader": state.loader.state_dict(),
     }
 
 
@@ -433,6 +434,7 @@ def load_state_dict(state: TrainState, checkpoint: dict) -> None:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     state.step = checkpoint["step"]
+    state.wall_time = checkpoint.get("wall_time", 0.0)  # checkpoints before this field count from the resume
 
 
 def save_checkpoint(state: TrainState, run_dir: Path) -> Path:
@@ -582,12 +584,14 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     sampler = state.G_ema if state.G_ema is not None else state.G
     progress = _progress_bar(config, state.step, disable=config.quiet or not job.is_main)
     last_good = run_dir / "checkpoints" / LATEST
-    clock, images_since, wall_start = time.perf_counter(), 0, time.perf_counter()
+    clock, images_since = time.perf_counter(), 0
+    wall_start = clock - state.wall_time
     try:
         with stop_at_step_boundary() as stop_requested:
             while state.step < config.steps:
                 metrics = train_step(state)
                 step = state.step
+                state.wall_time = time.perf_counter() - wall_start
                 images_since += config.batch_size * job.world_size
                 # A NaN in any process reaches every process's weights through the gradient all-reduce
                 # within this step, so all processes stop here together.
@@ -602,7 +606,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
                     now = time.perf_counter()
                     row = {"step": step, **{k: round(v.item(), 5) for k, v in metrics.items()},
                            **dict(zip(gamma_columns, [round(g, 5) for g in state.G.attention_gammas() + state.D.attention_gammas()])),
-                           "img_per_s": round(images_since / (now - clock), 2), "wall_time": round(now - wall_start, 2)}
+                           "img_per_s": round(images_since / (now - clock), 2), "wall_time": round(state.wall_time, 2)}
                     clock, images_since = now, 0
                     if evaluator and config.eval_every and step % config.eval_every == 0:
                         row |= evaluator(sampler, config.eval_n)

@@ -98,6 +98,11 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
     assert resumed["loader"] == straight["loader"]
     rows = list(csv.DictReader(open(first_half / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    # wall_time counts on from the checkpoint rather than restarting with the resumed process
+    wall = [float(r["wall_time"]) for r in rows]
+    assert wall[2] == round(load_checkpoint(first_half / "checkpoints" / "step_000003.pt")["wall_time"], 2)
+    assert wall == sorted(wall) and wall[3] > wall[2]
+    assert wall[5] == round(resumed["wall_time"], 2)
     assert (first_half / "samples" / "step_000006.png").exists()
 
 
