@@ -24,7 +24,8 @@ from checkpoint import generator_kwargs, load_checkpoint, load_generator, model_
 from train import TrainConfig, compare
 
 ARMS = {"without_attention": "DCGAN baseline (no attention)", "with_attention": "SAGAN (attention)"}
-GIF_NAMES = {"mnist": "comparison_mnist.gif", "celeba": "comparison_celebA.gif"}
+# demo/ file names follow the notebooks' (comparison_celebA.gif, curves_celebA.png, ...); weights/ use the dataset name.
+DEMO_TAGS = {"mnist": "mnist", "celeba": "celebA"}
 
 
 def fid_against_steps(run_dir: Path, dataset: str, n: int, data_root: str | None) -> Path:
@@ -82,7 +83,7 @@ def publish_generator(run_dir: Path, path: Path) -> Path:
     return path
 
 
-def results_table(dataset: str, scores: dict, floor: dict, runs: dict[str, Path], n: int) -> str:
+def results_table(dataset: str, scores: dict, floor: dict, runs: dict[str, Path], n: int, command: str) -> str:
     """The markdown results table with its protocol, steps, wall time, machine and seeds."""
     lines = [f"| {dataset} | steps | wall time | " + " | ".join(_metric_headers(floor)) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in _metric_headers(floor)) + " |"]
@@ -101,7 +102,7 @@ def results_table(dataset: str, scores: dict, floor: dict, runs: dict[str, Path]
               f"G lr {config['g_lr']}, D lr {config['d_lr']}, betas ({config['beta1']}, {config['beta2']}), "
               f"threads {config['threads'] or 'default'}, device {config['device']}. "
               f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {date.today()}.",
-              f"Regenerate: `python results.py {dataset} --steps {config['steps']}`."]
+              f"Regenerate: `{command}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", help="default: $SAGAN_DATA, else ./data")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
+    command = " ".join(["python results.py", *(sys.argv[1:] if argv is None else argv)])
 
     root, demo = Path(args.runs) / args.dataset, Path(args.demo)
     demo.mkdir(parents=True, exist_ok=True)
@@ -153,23 +155,24 @@ def main(argv: list[str] | None = None) -> int:
                          data_root=args.data_root, threads=args.threads, out=str(root))
     runs = compare(config)
 
-    tag = args.dataset
+    tag = DEMO_TAGS[args.dataset]
     curves = {arm: fid_against_steps(run, args.dataset, args.curve_n, args.data_root) for arm, run in runs.items()}
     plot_fid_curves(curves, demo / f"fid_{tag}.png")
     scores = {arm: evaluate.evaluate_checkpoint(run, args.n, data_root=args.data_root) for arm, run in runs.items()}
     floor = evaluate.real_floor(args.dataset, args.n, data_root=args.data_root)
     (demo / f"results_{tag}.json").write_text(json.dumps({"arms": scores, "floor": floor}, indent=2) + "\n")
-    (demo / f"results_{tag}.md").write_text(results_table(tag, scores, floor, runs, args.n))
+    table = results_table(args.dataset, scores, floor, runs, args.n, command)
+    (demo / f"results_{tag}.md").write_text(table)
 
-    pictures.comparison_gif(runs["without_attention"], runs["with_attention"], demo / GIF_NAMES[tag])
+    pictures.comparison_gif(runs["without_attention"], runs["with_attention"], demo / f"comparison_{tag}.gif")
     pictures.plot_curves({ARMS[arm]: run for arm, run in runs.items()}, demo / f"curves_{tag}.png")
     final = [pictures.latest_grid(run) for run in runs.values()]
     pictures.comparison_frame(*final, f"After {args.steps} steps").save(demo / f"final_{tag}.png")
     G, _ = load_generator(runs["with_attention"])
     pictures.plot_attention(G, path=demo / f"attention_{tag}.png")
     for arm, prefix in (("with_attention", "sagan"), ("without_attention", "dcgan")):
-        publish_generator(runs[arm], Path(args.weights) / f"{prefix}_{tag}.pt")
-    print((demo / f"results_{tag}.md").read_text())
+        publish_generator(runs[arm], Path(args.weights) / f"{prefix}_{args.dataset}.pt")
+    print(table)
     return 0
 
 
