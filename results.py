@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-n", type=int, default=2000, help="generated images per point of the FID curve")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--data-root", help="default: $SAGAN_DATA, else ./data")
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: torch's default)")
+    parser.add_argument("--eval-threads", type=int, default=0, help="torch threads for scoring (0: as --threads)")
     args = parser.parse_args(argv)
     command = " ".join(["python results.py", *(sys.argv[1:] if argv is None else argv)])
 
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(dataset=args.dataset, steps=args.steps, checkpoint_every=args.checkpoint_every,
                          data_root=args.data_root, threads=args.threads, out=str(root))
     runs = compare(config)
+    if args.eval_threads:
+        torch.set_num_threads(args.eval_threads)
 
     tag = DEMO_TAGS[args.dataset]
     curves = {arm: fid_against_steps(run, args.dataset, args.curve_n, args.data_root) for arm, run in runs.items()}
