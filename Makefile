@@ -24,9 +24,10 @@ demo: install
 	$(VENV)/bin/jupyter execute SAGAN_mnist.ipynb
 
 # Every published result (demo/results_*.md, GIFs, curves, attention maps, weights/); resumes runs/results.
+# These are the commands behind the published results (each arm on 1 thread; see README, Results).
 results: install
-	$(PY) results.py mnist --steps 5000
-	$(PY) results.py celeba --steps 3000
+	$(PY) results.py mnist --steps 5000 --threads 1
+	$(PY) results.py celeba --steps 600 --checkpoint-every 200 --n 1000 --curve-n 500 --threads 1 --eval-threads 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache
