@@ -23,8 +23,8 @@ test: install
 demo: install
 	$(VENV)/bin/jupyter execute SAGAN_mnist.ipynb
 
-# Every published result (demo/results_*.md, GIFs, curves, attention maps, weights/); resumes runs/results.
-# These are the commands behind the published results (each arm on 1 thread; see README, Results).
+# The commands behind every published result (demo/results_*.md, GIFs, curves, attention maps, weights/),
+# each arm on 1 thread (see README, Results); resumes runs/results.
 results: install
 	$(PY) results.py mnist --steps 5000 --threads 1
 	$(PY) results.py celeba --steps 600 --checkpoint-every 200 --n 1000 --curve-n 500 --threads 1 --eval-threads 2

@@ -254,7 +254,6 @@ def _celeba_images(root: Path, indices: range | list[int]) -> torch.Tensor:
 
 def _real_images(dataset: str, part: str, n: int | None, data_root: str | Path | None, seed: int) -> torch.Tensor:
     """Real [-1, 1] images: the reference ('reference') or a seeded random n from the floor pool ('floor')."""
-    # The one place that reads real data, to be swapped for data.load_dataset.
     root = data.resolve_data_root(data_root)
     if dataset == "mnist":
         pool, _ = mnist_classifier.mnist_tensors(root, train=(part == "floor"))

@@ -150,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
 
     root, demo = Path(args.runs) / args.dataset, Path(args.demo)
     demo.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = TrainConfig(dataset=args.dataset, steps=args.steps, checkpoint_every=args.checkpoint_every,
                          data_root=args.data_root, threads=args.threads, out=str(root))
     runs = compare(config)
