@@ -8,7 +8,8 @@ speed ratios against the original project's training step (../shared/bench/seedr
 
 Training throughput is the project's own step, train.build_state + train.train_step with TrainConfig's
 defaults, on the synthetic dataset; sampling is train.sample (G in eval mode, no_grad). Experiments
-(--channels-last, --compile, --precision, --no-spectral-norm) flip the matching TrainConfig field. Peak
+(--[no-]channels-last, --compile, --precision, --reuse-fakes, --no-spectral-norm) set the matching
+TrainConfig field; --vs-reference passes --reuse-fakes and --[no-]channels-last on to its runs of ours. Peak
 memory is the peak RSS of the process, so every measurement that reports one runs in a process of its own.
 """
 import argparse
@@ -85,26 +86,20 @@ def measure_training(args: argparse.Namespace) -> dict:
     batch = args.batch_size or 64
     config = train.TrainConfig(
         dataset="synthetic", image_size=args.model, batch_size=batch, attn=args.attn, device="cpu", quiet=True,
-        synthetic_size=2 * batch, channels_last=args.channels_last, precision=args.precision,
-        spectral_norm=args.spectral_norm, threads=args.threads)
+        synthetic_size=2 * batch, channels_last=args.channels_last, compile=args.compile, precision=args.precision,
+        spectral_norm=args.spectral_norm, reuse_fakes=args.reuse_fakes, threads=args.threads)
     dataset = data.load_dataset("synthetic", image_size=config.image_size, channels=config.channels,
                                 size=config.synthetic_size, seed=config.seed)
     state = train.build_state(config, dataset, torch.device("cpu"))
-    if args.compile:
-        # What build_state does for compile=True in one process; done here because its `G_local or G`
-        # asks a compiled module for its truth value, which raises (TypeError: ... does not support len()).
-        state.G_local = state.G_synced = torch.compile(state.G)
-        state.D_local = state.D_synced = torch.compile(state.D)
-    step = train_step_reusing_fakes if args.reuse_fakes else train.train_step
-    warmup_s = sum(timed(lambda: step(state), args.warmup))
+    warmup_s = sum(timed(lambda: train.train_step(state), args.warmup))
     steps = args.steps or DEFAULT_STEPS[args.model]
-    step_times = timed(lambda: step(state), steps)
+    step_times = timed(lambda: train.train_step(state), steps)
     z = torch.randn(args.sample_batch, config.z_dim, generator=torch.Generator().manual_seed(0))
     train.sample(state.G, z)  # warm-up
     sample_times = timed(lambda: train.sample(state.G, z), args.sample_reps)
     result = {
         "model": args.model, "attn": args.attn, "batch_size": batch, "steps": steps, "threads": torch.get_num_threads(),
-        "channels_last": args.channels_last, "compile": args.compile, "precision": args.precision,
+        "channels_last": state.memory_format == torch.channels_last, "compile": args.compile, "precision": args.precision,
         "spectral_norm": args.spectral_norm, "reuse_fakes": args.reuse_fakes,
         "train_img_per_s": round(batch * steps / sum(step_times), 2),
         "step_s_median": round(statistics.median(step_times), 4),
@@ -115,46 +110,19 @@ def measure_training(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
     }
     if args.profile:
-        result["profile"] = profile_steps(step, state, args.profile)
+        result["profile"] = profile_steps(state, args.profile)
     return result
 
 
-def train_step_reusing_fakes(state) -> None:
-    """Experiment (a change to train.train_step, not in it): one G forward per step. D trains on the
-    detached fakes, then G on the same fakes through the updated D, as the PyTorch DCGAN example does;
-    train.train_step instead draws fresh noise for the G step and runs G once more."""
-    import train
-
-    config, D = state.config, state.D
-    if config.loss == "wgan-gp" or config.d_steps != 1:
-        raise BenchError("--reuse-fakes covers one D step per G step without gradient penalty")
-    real = state.next_real()
-    with state.autocast():
-        fake = state.G_synced(state.sample_z(real.shape[0]))
-        d_real, d_fake = state.D_synced(torch.cat([real, fake.detach()])).float().chunk(2)
-        d_loss = train.discriminator_loss(config.loss, d_real, d_fake)
-    state.opt_D.zero_grad(set_to_none=True)
-    d_loss.backward()
-    state.opt_D.step()
-    D.eval().requires_grad_(False)
-    try:
-        with state.autocast():
-            g_loss = train.generator_loss(config.loss, state.D_local(fake).float())
-        state.opt_G.zero_grad(set_to_none=True)
-        g_loss.backward()
-        state.opt_G.step()
-    finally:
-        D.train().requires_grad_(True)
-    state.step += 1
-
-
-def profile_steps(step, state, steps: int, top: int = 15) -> list[dict]:
+def profile_steps(state, steps: int, top: int = 15) -> list[dict]:
     """The ops that cost most (self CPU time) over `steps` training steps."""
     from torch.profiler import ProfilerActivity, profile
 
+    import train
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            step(state)
+            train.train_step(state)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     return [{"op": e.key, "self_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 1),
@@ -255,8 +223,16 @@ def bench_argv(*extra: str) -> list[str]:
 def ours(model: int, attn: bool, args: argparse.Namespace) -> dict:
     steps = args.steps or DEFAULT_STEPS[model]
     argv = bench_argv("--model", str(model), "--steps", str(steps), "--batch-size", str(args.batch_size or 64),
-                      "--threads", str(args.threads), *(() if attn else ("--no-attn",)))
+                      "--threads", str(args.threads), *(() if attn else ("--no-attn",)), *experiment_flags(args))
     return run_json_child(argv, args.threads)
+
+
+def experiment_flags(args: argparse.Namespace) -> list[str]:
+    """The TrainConfig experiments that --vs-reference hands on to its runs of ours."""
+    flags = ["--reuse-fakes"] if args.reuse_fakes else []
+    if args.channels_last is not None:
+        flags.append("--channels-last" if args.channels_last else "--no-channels-last")
+    return flags
 
 
 def reference_training(model: int, attn: bool, args: argparse.Namespace) -> float:
@@ -307,6 +283,7 @@ def vs_reference(args: argparse.Namespace) -> dict:
         "sample_28": medians["ours_sample_28"] / medians["reference_sample_28"],
     }
     return {"machine": machine(args.threads), "rounds": args.rounds, "batch_size": args.batch_size or 64,
+            "ours_flags": experiment_flags(args),
             "runs": runs, "medians": {k: round(v, 2) for k, v in medians.items()},
             "reference_attn_cost_64": round(medians["reference_train_64_noattn"] / medians["reference_train_64_attn"], 2),
             "ratios": {name: {"value": round(value, 2), "target": f"{TARGETS[name][0]} {TARGETS[name][1]}",
@@ -320,8 +297,9 @@ def meets(name: str, value: float) -> bool:
 
 def print_vs_reference(report: dict) -> None:
     m = report["medians"]
+    settings = " ".join(report["ours_flags"]) or "TrainConfig defaults"
     print(f"medians over {report['rounds']} alternating rounds, batch {report['batch_size']}, "
-          f"{report['machine']['threads']} threads (img/s)")
+          f"{report['machine']['threads']} threads, ours with {settings} (img/s)")
     print(f"| {'measurement':<26} | {'reference':>9} | {'ours':>9} |")
     print(f"| {'-' * 26} | {'-' * 9}:| {'-' * 9}:|")
     for name, label in (("train_64_attn", "train 64x64 SAGAN"), ("train_64_noattn", "train 64x64 no attention"),
@@ -399,10 +377,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--sample-batch", type=int, default=256, help="sampling batch")
     parser.add_argument("--sample-reps", type=int, default=3, help="timed sampling batches")
-    parser.add_argument("--channels-last", action="store_true", help="experiment: channels_last memory format")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="experiment: memory format (default: TrainConfig's, channels_last on the CPU)")
     parser.add_argument("--compile", action="store_true", help="experiment: torch.compile G and D")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="experiment: autocast dtype")
-    parser.add_argument("--reuse-fakes", action="store_true", help="experiment: one G forward per step (see train_step_reusing_fakes)")
+    parser.add_argument("--reuse-fakes", action="store_true", help="experiment: one G forward per step (TrainConfig.reuse_fakes)")
     parser.add_argument("--no-spectral-norm", dest="spectral_norm", action="store_false",
                         help="experiment: no spectral norm (the most any spectral-norm speed-up could give)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also profile STEPS steps: top ops")

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from utils import memory_format_for
+
 LATEST = "latest.pt"
 
 
@@ -74,7 +76,8 @@ def load_generator(path: str | Path, *, ema: bool = True, device: str | torch.de
         weights = state["G_ema"] if used_ema else state["G"]
     G = model_module(image_size).Generator(**kwargs)
     G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
-    G.to(device).eval()
+    device = torch.device(device)
+    G.to(device, memory_format=memory_format_for(device)).eval()
     info = {"model_kwargs": kwargs, "image_size": image_size, "dataset": config.get("dataset", state.get("dataset")),
             "step": state.get("step"), "ema": used_ema, "config": config}
     return G, info

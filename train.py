@@ -36,7 +36,7 @@ from torchvision.utils import save_image
 
 import data
 from checkpoint import LATEST, atomic_save, generator_kwargs, load_checkpoint, model_module, read_config
-from utils import pick_device, to_unit_range
+from utils import memory_format_for, pick_device, to_unit_range
 
 LOSSES = ("hinge", "nonsaturating", "wgan-gp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -72,12 +72,13 @@ class TrainConfig:
     loss: str = _help("hinge, nonsaturating (classic DCGAN) or wgan-gp", "hinge")
     gp_weight: float = _help("gradient-penalty weight for wgan-gp", 10.0)
     d_steps: int = _help("discriminator updates per generator update (5 is usual for wgan-gp)", 1)
+    reuse_fakes: bool = _help("the G update reuses the D update's fakes: one G forward per step instead of two", False)
     ema_decay: float = _help("EMA of G's weights for samples and evaluation; 0 = off (0.999 is usual)", 0.0)
     seed: int = _help("seeds weights, data order, noise and the fixed sample noise", 0)
     # machine
     device: str = _help("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps", "auto")
     precision: str = _help("auto (bf16 or fp16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16", "auto")
-    channels_last: bool = _help("channels_last memory format", False)
+    channels_last: bool | None = _help("channels_last memory format (default: on for the CPU, off on CUDA and MPS)")
     compile: bool = _help("torch.compile G and D", False)
     threads: int = _help("CPU threads for torch (0: torch's default)", 0)
     num_workers: int = _help("data-loading workers (-1: 4 on CUDA for image files, else 0)", -1)
@@ -239,6 +240,7 @@ class TrainState:
     loader: data.EndlessLoader
     noise: torch.Generator  # CPU generator for z and GP mixing: the same numbers on every device
     amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format = torch.contiguous_format  # of G, D and the real batches
     job: Distributed = Distributed()
     # What the steps call: G and D compiled when asked ("local"), and wrapped in DDP under torchrun
     # ("synced"). Only passes whose backward updates that network go through its DDP wrapper.
@@ -265,8 +267,7 @@ class TrainState:
         return torch.randn(n, self.config.z_dim, generator=self.noise).to(self.device, non_blocking=True)
 
     def next_real(self) -> torch.Tensor:
-        real = next(self.loader).to(self.device, non_blocking=True)
-        return real.contiguous(memory_format=torch.channels_last) if self.config.channels_last else real
+        return next(self.loader).to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -295,7 +296,7 @@ def build_state(config: TrainConfig, dataset: Dataset, device: torch.device, job
         if device.type != "cuda":
             raise ConfigError("sync_bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; drop --sync-bn")
         G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    memory_format = memory_format_for(device, config.channels_last)
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     G_ema = None
     if config.ema_decay > 0:
@@ -312,16 +313,17 @@ def build_state(config: TrainConfig, dataset: Dataset, device: torch.device, job
         opt_D=torch.optim.Adam(D.parameters(), config.d_lr, betas=betas),
         scaler_G=torch.amp.GradScaler(device.type, enabled=use_scaler),
         scaler_D=torch.amp.GradScaler(device.type, enabled=use_scaler),
-        loader=loader, noise=torch.Generator().manual_seed(noise_seed(config.seed, job.rank)), amp_dtype=amp_dtype, job=job,
+        loader=loader, noise=torch.Generator().manual_seed(noise_seed(config.seed, job.rank)), amp_dtype=amp_dtype,
+        memory_format=memory_format, job=job,
     )
     if config.compile:
-        state.G_local, state.D_local = torch.compile(G), torch.compile(D)
+        state.G_local = state.G_synced = torch.compile(G)
+        state.D_local = state.D_synced = torch.compile(D)
     if job.enabled:
         ids = [device.index] if device.type == "cuda" else None
         G_ddp, D_ddp = DistributedDataParallel(G, device_ids=ids), DistributedDataParallel(D, device_ids=ids)
         state.G_synced = torch.compile(G_ddp) if config.compile else G_ddp
         state.D_synced = torch.compile(D_ddp) if config.compile else D_ddp
-    state.__post_init__()
     return state
 
 
@@ -339,12 +341,14 @@ def _num_workers(config: TrainConfig, dataset: Dataset, device: torch.device) ->
 
 # ---------------------------------------------------------------------------------------------- one step
 
-def discriminator_step(state: TrainState) -> dict[str, torch.Tensor]:
-    """One D update on a real batch and a batch of detached fakes."""
+def discriminator_step(state: TrainState, fake: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One D update on a real batch and a batch of detached fakes (drawn here unless given)."""
     config, D = state.config, state.D
     real = state.next_real()
-    with torch.no_grad(), state.autocast():
-        fake = state.G_local(state.sample_z(real.shape[0]))  # no graph through G: D's loss never reaches it
+    if fake is None:
+        with torch.no_grad(), state.autocast():
+            fake = state.G_local(state.sample_z(real.shape[0]))  # no graph through G: D's loss never reaches it
+    fake = fake.detach()
     with state.autocast():
         # D has no batch statistics, so one pass over real and fake equals two (and runs one power iteration).
         d_real, d_fake = state.D_synced(torch.cat([real, fake])).float().chunk(2)
@@ -358,14 +362,16 @@ def discriminator_step(state: TrainState) -> dict[str, torch.Tensor]:
     return {"d_loss": loss.detach(), "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
 
 
-def generator_step(state: TrainState) -> dict[str, torch.Tensor]:
-    """One G update through a frozen D: D's weights, grads and power-iteration vectors are left untouched."""
+def generator_step(state: TrainState, fake: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One G update through a frozen D: D's weights, grads and power-iteration vectors are left untouched.
+    `fake`, if given, is a batch G made with its graph kept; otherwise G makes one from fresh noise."""
     D = state.D
     D.eval().requires_grad_(False)  # eval: spectral norm reuses its vectors; no grads: no wasted weight gradients
     try:
         with state.autocast():
-            d_fake = state.D_local(state.G_synced(state.sample_z(state.config.batch_size))).float()
-            loss = generator_loss(state.config.loss, d_fake)
+            if fake is None:
+                fake = state.G_synced(state.sample_z(state.config.batch_size))
+            loss = generator_loss(state.config.loss, state.D_local(fake).float())
         state.opt_G.zero_grad(set_to_none=True)
         state.scaler_G.scale(loss).backward()
         state.scaler_G.step(state.opt_G)
@@ -387,10 +393,19 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def train_step(state: TrainState) -> dict[str, torch.Tensor]:
-    """d_steps discriminator updates, then one generator update; returns the step's metrics as tensors."""
-    for _ in range(state.config.d_steps):
-        metrics = discriminator_step(state)
-    metrics |= generator_step(state)
+    """d_steps discriminator updates, then one generator update; returns the step's metrics as tensors.
+
+    With reuse_fakes, G runs once per step: the last D update trains on its batch (detached), and the G
+    update back-propagates through the same batch and the updated D, as the PyTorch DCGAN example does.
+    Without it, the G update draws fresh noise and runs G again, as the original project does."""
+    config = state.config
+    for d_step in range(config.d_steps):
+        fake = None
+        if config.reuse_fakes and d_step == config.d_steps - 1:
+            with state.autocast():
+                fake = state.G_synced(state.sample_z(config.batch_size))
+        metrics = discriminator_step(state, fake)
+    metrics |= generator_step(state, fake)
     state.step += 1
     return metrics
 
@@ -450,8 +465,10 @@ def save_checkpoint(state: TrainState, run_dir: Path) -> Path:
 def check_resumable(saved: dict, config: TrainConfig) -> None:
     """Refuse to resume with settings that would make a different run."""
     wanted = dataclasses.asdict(config)
+    # A field missing from config.json is newer than the run, which therefore ran with the field's default.
+    saved = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | saved
     clashes = [f"{name}: run has {saved[name]!r}, asked for {wanted[name]!r}"
-               for name in wanted if name not in RESUMABLE_OVERRIDES and saved.get(name) != wanted[name]]
+               for name in wanted if name not in RESUMABLE_OVERRIDES and saved[name] != wanted[name]]
     if clashes:
         raise ConfigError("Cannot resume: these settings differ from the run's config.json (start a new run instead):\n  "
                           + "\n  ".join(clashes))
@@ -716,7 +733,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default) if f.default is not None else str
-        if kind is bool:
+        if kind is bool or f.type == bool | None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),

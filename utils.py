@@ -18,6 +18,14 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def memory_format_for(device: torch.device, channels_last: bool | None = None) -> torch.memory_format:
+    """channels_last when asked, or by default on the CPU, where oneDNN's convolutions then skip their
+    layout reorders (BENCHMARKS.md); contiguous by default on CUDA and MPS."""
+    if channels_last is None:
+        channels_last = device.type == "cpu"
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """Model images in [-1, 1] -> [0, 1], clamped."""
     return images.add(1).div(2).clamp(0, 1)

@@ -26,6 +26,16 @@ def test_training_benchmark_prints_one_json_line_with_positive_numbers():
     for key in ("train_img_per_s", "sample_img_per_s", "peak_rss_mb"):
         assert result[key] > 0, key
     assert (result["model"], result["batch_size"], result["threads"], result["attn"]) == (28, 8, 1, True)
+    assert (result["channels_last"], result["reuse_fakes"]) == (True, False)  # TrainConfig's defaults on the CPU
+
+
+@pytest.mark.slow
+def test_experiment_flags_reach_the_training_config():
+    result = json.loads(_run("--model", "28", "--steps", "1", "--warmup", "0", "--batch-size", "4", "--threads", "1",
+                             "--sample-batch", "4", "--sample-reps", "1", "--no-channels-last", "--reuse-fakes", "--json"))
+    assert (result["channels_last"], result["reuse_fakes"]) == (False, True)
+    args = bench.parse_args(["--vs-reference", "--reuse-fakes", "--no-channels-last"])
+    assert bench.experiment_flags(args) == ["--reuse-fakes", "--no-channels-last"]
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Training engine: losses, one step, exact resume, atomic checkpoints, NaN guard, config checks, CLI."""
 import csv
+import dataclasses
 import json
 import signal
 import subprocess
@@ -81,6 +82,45 @@ def test_discriminator_step_does_not_touch_G_weights(tmp_path):
     assert all(p.grad is None for p in state.G.parameters())
 
 
+def test_compile_covers_every_pass_of_G_and_D(tmp_path):
+    state = _state(tmp_path, compile=True)  # torch.compile wraps lazily: nothing is compiled here
+    passes = (state.G_local, state.G_synced, state.D_local, state.D_synced)
+    assert all(isinstance(p, torch._dynamo.eval_frame.OptimizedModule) for p in passes)
+
+
+def test_channels_last_is_the_cpu_default_and_trains_as_contiguous_does(tmp_path):
+    by_default, contiguous = _state(tmp_path), _state(tmp_path, channels_last=False)
+    assert by_default.memory_format == torch.channels_last and contiguous.memory_format == torch.contiguous_format
+    conv_weights = [w for w in by_default.D.state_dict().values() if w.dim() == 4 and w.shape[1] > 1 and w.shape[2] > 1]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in conv_weights)
+    assert by_default.next_real().is_contiguous(memory_format=torch.channels_last)
+    contiguous.next_real()  # the same data order for both
+    for _ in range(2):
+        metrics = {name: train.train_step(state) for name, state in (("nhwc", by_default), ("nchw", contiguous))}
+        for key, value in metrics["nchw"].items():
+            assert metrics["nhwc"][key].item() == pytest.approx(value.item(), rel=1e-3, abs=1e-5), key
+    assert train.parse_args([])[0].get("channels_last") is None
+    assert train.parse_args(["--no-channels-last"])[0]["channels_last"] is False
+
+
+def test_reuse_fakes_trains_G_on_the_D_updates_fakes_through_the_updated_D(tmp_path):
+    state, by_hand = _state(tmp_path, reuse_fakes=True), _state(tmp_path, reuse_fakes=True)
+    train.train_step(state)
+    fake = by_hand.G(by_hand.sample_z(TINY["batch_size"]))  # the only noise drawn in the step
+    d_real, d_fake = by_hand.D(torch.cat([by_hand.next_real(), fake.detach()])).chunk(2)
+    by_hand.opt_D.zero_grad()
+    train.discriminator_loss("hinge", d_real, d_fake).backward()
+    by_hand.opt_D.step()
+    by_hand.D.eval().requires_grad_(False)
+    by_hand.opt_G.zero_grad()
+    train.generator_loss("hinge", by_hand.D(fake)).backward()
+    by_hand.opt_G.step()
+    for ours, expected in ((state.G, by_hand.G), (state.D, by_hand.D)):
+        expected_state = expected.state_dict()
+        assert all(torch.allclose(v, expected_state[k], rtol=0, atol=1e-7) for k, v in ours.state_dict().items())
+    assert torch.equal(state.noise.get_state(), by_hand.noise.get_state())
+
+
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
     overrides = dict(ema_decay=0.9, steps=6)
@@ -113,6 +153,14 @@ def test_resume_refuses_a_different_run_and_fresh_runs_refuse_to_overwrite(tmp_p
     with pytest.raises(ConfigError, match="already holds a run"):
         train.train(tiny(tmp_path, steps=1))
     assert load_checkpoint(run_dir)["step"] == 1
+
+
+def test_resume_reads_a_field_missing_from_an_older_run_as_its_default(tmp_path):
+    config = tiny(tmp_path)
+    older_run = {k: v for k, v in dataclasses.asdict(config).items() if k != "reuse_fakes"}
+    train.check_resumable(older_run, config)
+    with pytest.raises(ConfigError, match="reuse_fakes: run has False, asked for True"):
+        train.check_resumable(older_run, dataclasses.replace(config, reuse_fakes=True))
 
 
 @pytest.mark.parametrize("field, value", [
