@@ -5,6 +5,7 @@ speed ratios against the original project's training step (../shared/bench/seedr
     python bench.py --model 64 --no-attn --steps 5 --threads 2 --json         # the no-attention twin
     python bench.py --attention --threads 2                                   # N, fused/explicit time and peak memory
     python bench.py --vs-reference --threads 2 --rounds 3                     # seedref and ours alternately, median ratios
+    python bench.py --flops --model 64 --threads 2                            # the step's work: GFLOP, and img/s at sgemm's rate
 
 Training throughput is the project's own step, train.build_state + train.train_step with TrainConfig's
 defaults, on the synthetic dataset; sampling is train.sample (G in eval mode, no_grad). Experiments
@@ -13,7 +14,9 @@ TrainConfig field; --vs-reference passes --reuse-fakes and --[no-]channels-last 
 memory is the peak RSS of the process, so every measurement that reports one runs in a process of its own.
 """
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -77,8 +80,8 @@ def timed(fn, reps: int) -> list[float]:
     return times
 
 
-def measure_training(args: argparse.Namespace) -> dict:
-    """Images per second of train.train_step and of train.sample, as train.py runs them."""
+def training_state(args: argparse.Namespace):
+    """train.build_state for the benchmark's settings on the synthetic set, on the CPU."""
     import data
     import train
 
@@ -90,7 +93,15 @@ def measure_training(args: argparse.Namespace) -> dict:
         spectral_norm=args.spectral_norm, reuse_fakes=args.reuse_fakes, threads=args.threads)
     dataset = data.load_dataset("synthetic", image_size=config.image_size, channels=config.channels,
                                 size=config.synthetic_size, seed=config.seed)
-    state = train.build_state(config, dataset, torch.device("cpu"))
+    return train.build_state(config, dataset, torch.device("cpu"))
+
+
+def measure_training(args: argparse.Namespace) -> dict:
+    """Images per second of train.train_step and of train.sample, as train.py runs them."""
+    import train
+
+    state = training_state(args)
+    config, batch = state.config, state.config.batch_size
     warmup_s = sum(timed(lambda: train.train_step(state), args.warmup))
     steps = args.steps or DEFAULT_STEPS[args.model]
     step_times = timed(lambda: train.train_step(state), steps)
@@ -112,6 +123,98 @@ def measure_training(args: argparse.Namespace) -> dict:
     if args.profile:
         result["profile"] = profile_steps(state, args.profile)
     return result
+
+
+def count_cpu_flash_attention_flops() -> None:
+    """Teach torch's FlopCounterMode the CPU flash-attention kernels (it knows only the CUDA ones)."""
+    from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in torch.utils.flop_counter.flop_registry:
+        return
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def counted_flops(fn) -> tuple[int, dict[str, int]]:
+    """Floating-point operations of fn() (matrix products, convolutions, attention), total and by op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    count_cpu_flash_attention_flops()
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    by_op = {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return counter.get_total_flops(), dict(sorted(by_op.items(), key=lambda item: -item[1]))
+
+
+def sgemm_gflops(size: int = 2048, reps: int = 10) -> float:
+    """This machine's rate for a large fp32 matrix product, the fastest any of the step's kernels can run."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    return 2 * size**3 / min(timed(lambda: a @ b, reps)) / 1e9
+
+
+def reference_step_flops(args: argparse.Namespace) -> int:
+    """FLOPs of one of seedref's training steps: its main() runs 2 warm-up steps and 1 timed one."""
+    reference = load_reference(Path(args.reference))
+    argv = ["seedref.py", str(args.model), "attn" if args.attn else "noattn", "1", str(args.batch_size or 64)]
+
+    def run_reference():
+        with script_argv(argv), contextlib.redirect_stdout(io.StringIO()):
+            reference.main()
+
+    return counted_flops(run_reference)[0] // 3
+
+
+def reference_sample_flops(args: argparse.Namespace, batch: int) -> int:
+    """FLOPs of seedref's G forward (eval mode, no_grad) for a batch."""
+    reference = load_reference(Path(args.reference))
+    G, _, _ = reference.models(args.model, args.attn)
+    with torch.no_grad():
+        return counted_flops(lambda: G.eval()(torch.randn(batch, 100, 1, 1)))[0]
+
+
+@contextlib.contextmanager
+def script_argv(argv: list[str]):
+    """sys.argv as a script's main() reads it, restored afterwards."""
+    saved, sys.argv = sys.argv, argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def measure_flops(args: argparse.Namespace) -> dict:
+    """The work of one training step and of sampling, ours and seedref's, and the speed each would have if
+    every operation ran at sgemm's rate: an upper bound that no kernel choice can beat."""
+    import train
+
+    state = training_state(args)
+    train.train_step(state)  # the first step allocates Adam's state
+    total, by_op = counted_flops(lambda: train.train_step(state))
+    batch = state.config.batch_size
+    sample_total, _ = counted_flops(lambda: train.sample(state.G, state.sample_z(batch)))
+    reference_total, reference_sample_total = reference_step_flops(args), reference_sample_flops(args, batch)
+    rate = sgemm_gflops()
+    return {
+        "model": args.model, "attn": args.attn, "batch_size": batch, "threads": torch.get_num_threads(),
+        "channels_last": state.memory_format == torch.channels_last, "reuse_fakes": args.reuse_fakes,
+        "gflop_per_step": round(total / 1e9, 1), "gflop_by_op": {op: round(n / 1e9, 1) for op, n in by_op.items()},
+        "reference_gflop_per_step": round(reference_total / 1e9, 1),
+        "sgemm_gflop_per_s": round(rate, 1),
+        "ceiling_train_img_per_s": round(batch * rate * 1e9 / total, 2),
+        "reference_ceiling_train_img_per_s": round(batch * rate * 1e9 / reference_total, 2),
+        "sample_gflop_per_img": round(sample_total / batch / 1e9, 3),
+        "reference_sample_gflop_per_img": round(reference_sample_total / batch / 1e9, 3),
+        "ceiling_sample_img_per_s": round(batch * rate * 1e9 / sample_total, 1),
+        "reference_ceiling_sample_img_per_s": round(batch * rate * 1e9 / reference_sample_total, 1),
+    }
 
 
 def profile_steps(state, steps: int, top: int = 15) -> list[dict]:
@@ -367,6 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--attention", action="store_true", help="the attention block's time and memory table")
     mode.add_argument("--vs-reference", action="store_true", help="ratios against seedref, alternating rounds")
+    mode.add_argument("--flops", action="store_true", help="FLOPs of one step, ours and seedref's, against sgemm's rate")
     mode.add_argument("--reference-sampling", action="store_true", help="seedref's G forward at --sample-batch")
     mode.add_argument("--attention-point", nargs=2, metavar=("N", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--model", type=int, choices=(28, 64), default=64, help="28x28 or 64x64 model (default 64)")
@@ -420,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(measure_attention_point(args)))
         elif args.reference_sampling:
             print(json.dumps(measure_reference_sampling(args)))
+        elif args.flops:
+            result = measure_flops(args)
+            print(json.dumps(result) if args.json else "\n".join(f"{key}: {value}" for key, value in result.items()))
         else:
             result = measure_training(args)
             if args.json:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import bench
 
@@ -60,3 +61,21 @@ def test_bad_sizes_and_missing_reference_are_refused(tmp_path, capsys):
     assert "perfect squares" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="--reference"):
         bench.load_reference(tmp_path / "missing.py")
+
+
+def test_flops_of_cpu_flash_attention_are_counted_as_two_matrix_products_each_way():
+    batch, n, width = 2, 64, 16
+    q, k, v = (torch.randn(batch, 1, n, width, requires_grad=True) for _ in range(3))
+    products = 2 * 2 * batch * n * n * width  # q k^T and (softmax) v, 2 flops per multiply-add
+    assert bench.counted_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))[0] == products
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    # backward: q k^T again, then d(softmax) = dout v^T, dv, dq and dk
+    assert bench.counted_flops(lambda: out.sum().backward())[0] == 5 * products // 2
+
+
+@pytest.mark.slow
+def test_flops_report_counts_ours_and_the_reference():
+    result = json.loads(_run("--flops", "--model", "28", "--batch-size", "4", "--threads", "1", "--json"))
+    assert result["gflop_per_step"] > 0 and result["reference_gflop_per_step"] > 0
+    assert result["gflop_by_op"]["_scaled_dot_product_flash_attention_for_cpu"] > 0
+    assert result["ceiling_train_img_per_s"] == pytest.approx(4 * result["sgemm_gflop_per_s"] / result["gflop_per_step"], rel=0.05)
