@@ -154,7 +154,7 @@ def counted_flops(fn) -> tuple[int, dict[str, int]]:
 
 
 def sgemm_gflops(size: int = 2048, reps: int = 10) -> float:
-    """This machine's rate for a large fp32 matrix product, the fastest any of the step's kernels can run."""
+    """GFLOP/s of a large, well-shaped fp32 matrix product here: the yardstick for every kernel of a step."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     return 2 * size**3 / min(timed(lambda: a @ b, reps)) / 1e9

@@ -41,7 +41,8 @@ train.train(config)
     assert not Path(str(out) + "_rank1").exists(), "rank 1 wrote files"
 
 
-def test_ranks_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("reuse_fakes", [False, True], ids=["fresh-fakes", "reused-fakes"])
+def test_ranks_end_with_identical_weights(tmp_path, reuse_fakes):
     script = tmp_path / "weights.py"
     script.write_text(f"""
 import os, sys, torch
@@ -49,7 +50,7 @@ sys.path.insert(0, {str(ROOT)!r})
 import train
 rank = int(os.environ["RANK"])
 config = train.TrainConfig(dataset="synthetic", image_size=28, synthetic_size=64, conv_dim=16, batch_size=4, steps=3,
-                           log_every=1, quiet=True, device="cpu", out={str(tmp_path / "run")!r})
+                           log_every=1, quiet=True, device="cpu", reuse_fakes={reuse_fakes}, out={str(tmp_path / "run")!r})
 job, device = train.setup_distributed("cpu")
 dataset = train.data.load_dataset("synthetic", image_size=28, channels=1, size=64)
 state = train.build_state(config, dataset, device, job)
