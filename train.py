@@ -733,7 +733,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default) if f.default is not None else str
-        if kind is bool or f.type == bool | None:
+        if kind is bool or f.type == bool | None:  # None: decided at run time (channels_last, per device)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
