@@ -465,7 +465,8 @@ def save_checkpoint(state: TrainState, run_dir: Path) -> Path:
 def check_resumable(saved: dict, config: TrainConfig) -> None:
     """Refuse to resume with settings that would make a different run."""
     wanted = dataclasses.asdict(config)
-    # A field missing from config.json is newer than the run, which therefore ran with the field's default.
+    # A field missing from config.json is newer than the run, which therefore ran with the field's default
+    # (new fields must default to the old behaviour, as reuse_fakes does).
     saved = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | saved
     clashes = [f"{name}: run has {saved[name]!r}, asked for {wanted[name]!r}"
                for name in wanted if name not in RESUMABLE_OVERRIDES and saved[name] != wanted[name]]
