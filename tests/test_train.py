@@ -121,6 +121,14 @@ def test_reuse_fakes_trains_G_on_the_D_updates_fakes_through_the_updated_D(tmp_p
     assert torch.equal(state.noise.get_state(), by_hand.noise.get_state())
 
 
+def test_reuse_fakes_with_several_d_steps_and_a_gradient_penalty(tmp_path):
+    state = _state(tmp_path, reuse_fakes=True, d_steps=2, loss="wgan-gp")
+    G0 = _snapshot(state.G)
+    metrics = train.train_step(state)
+    assert all(torch.isfinite(value) for value in metrics.values())
+    assert any(not torch.equal(G0[k], v) for k, v in state.G.state_dict().items() if "weight" in k)
+
+
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
     overrides = dict(ema_decay=0.9, steps=6)
