@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -240,7 +241,6 @@ class TrainState:
     loader: data.EndlessLoader
     noise: torch.Generator  # CPU generator for z and GP mixing: the same numbers on every device
     amp_dtype: torch.dtype | None
-    memory_format: torch.memory_format = torch.contiguous_format  # of G, D and the real batches
     job: Distributed = Distributed()
     # What the steps call: G and D compiled when asked ("local"), and wrapped in DDP under torchrun
     # ("synced"). Only passes whose backward updates that network go through its DDP wrapper.
@@ -265,6 +265,11 @@ class TrainState:
 
     def sample_z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.config.z_dim, generator=self.noise).to(self.device, non_blocking=True)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """Of G, D and the real batches."""
+        return memory_format_for(self.device, self.config.channels_last)
 
     def next_real(self) -> torch.Tensor:
         return next(self.loader).to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -313,8 +318,7 @@ def build_state(config: TrainConfig, dataset: Dataset, device: torch.device, job
         opt_D=torch.optim.Adam(D.parameters(), config.d_lr, betas=betas),
         scaler_G=torch.amp.GradScaler(device.type, enabled=use_scaler),
         scaler_D=torch.amp.GradScaler(device.type, enabled=use_scaler),
-        loader=loader, noise=torch.Generator().manual_seed(noise_seed(config.seed, job.rank)), amp_dtype=amp_dtype,
-        memory_format=memory_format, job=job,
+        loader=loader, noise=torch.Generator().manual_seed(noise_seed(config.seed, job.rank)), amp_dtype=amp_dtype, job=job,
     )
     if config.compile:
         state.G_local = state.G_synced = torch.compile(G)
@@ -362,15 +366,21 @@ def discriminator_step(state: TrainState, fake: torch.Tensor | None = None) -> d
     return {"d_loss": loss.detach(), "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
 
 
+def fakes_for_G(state: TrainState) -> torch.Tensor:
+    """A batch from fresh noise with G's graph kept, for G's update (through DDP's G when synced)."""
+    with state.autocast():
+        return state.G_synced(state.sample_z(state.config.batch_size))
+
+
 def generator_step(state: TrainState, fake: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One G update through a frozen D: D's weights, grads and power-iteration vectors are left untouched.
-    `fake`, if given, is a batch G made with its graph kept; otherwise G makes one from fresh noise."""
+    `fake`, if given, comes from fakes_for_G; otherwise G makes a batch from fresh noise here."""
+    if fake is None:
+        fake = fakes_for_G(state)
     D = state.D
     D.eval().requires_grad_(False)  # eval: spectral norm reuses its vectors; no grads: no wasted weight gradients
     try:
         with state.autocast():
-            if fake is None:
-                fake = state.G_synced(state.sample_z(state.config.batch_size))
             loss = generator_loss(state.config.loss, state.D_local(fake).float())
         state.opt_G.zero_grad(set_to_none=True)
         state.scaler_G.scale(loss).backward()
@@ -398,13 +408,10 @@ def train_step(state: TrainState) -> dict[str, torch.Tensor]:
     With reuse_fakes, G runs once per step: the last D update trains on its batch (detached), and the G
     update back-propagates through the same batch and the updated D, as the PyTorch DCGAN example does.
     Without it, the G update draws fresh noise and runs G again, as the original project does."""
-    config = state.config
-    for d_step in range(config.d_steps):
-        fake = None
-        if config.reuse_fakes and d_step == config.d_steps - 1:
-            with state.autocast():
-                fake = state.G_synced(state.sample_z(config.batch_size))
-        metrics = discriminator_step(state, fake)
+    for _ in range(state.config.d_steps - 1):
+        discriminator_step(state)
+    fake = fakes_for_G(state) if state.config.reuse_fakes else None
+    metrics = discriminator_step(state, fake)
     metrics |= generator_step(state, fake)
     state.step += 1
     return metrics
@@ -733,8 +740,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default) if f.default is not None else str
-        if kind is bool or f.type == bool | None:  # None: decided at run time (channels_last, per device)
+        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # `X | None` -> X
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
