@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -160,34 +161,15 @@ def sgemm_gflops(size: int = 2048, reps: int = 10) -> float:
     return 2 * size**3 / min(timed(lambda: a @ b, reps)) / 1e9
 
 
-def reference_step_flops(args: argparse.Namespace) -> int:
+def reference_step_flops(reference, args: argparse.Namespace) -> int:
     """FLOPs of one of seedref's training steps: its main() runs 2 warm-up steps and 1 timed one."""
-    reference = load_reference(Path(args.reference))
     argv = ["seedref.py", str(args.model), "attn" if args.attn else "noattn", "1", str(args.batch_size or 64)]
 
     def run_reference():
-        with script_argv(argv), contextlib.redirect_stdout(io.StringIO()):
+        with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(io.StringIO()):
             reference.main()
 
     return counted_flops(run_reference)[0] // 3
-
-
-def reference_sample_flops(args: argparse.Namespace, batch: int) -> int:
-    """FLOPs of seedref's G forward (eval mode, no_grad) for a batch."""
-    reference = load_reference(Path(args.reference))
-    G, _, _ = reference.models(args.model, args.attn)
-    with torch.no_grad():
-        return counted_flops(lambda: G.eval()(torch.randn(batch, 100, 1, 1)))[0]
-
-
-@contextlib.contextmanager
-def script_argv(argv: list[str]):
-    """sys.argv as a script's main() reads it, restored afterwards."""
-    saved, sys.argv = sys.argv, argv
-    try:
-        yield
-    finally:
-        sys.argv = saved
 
 
 def measure_flops(args: argparse.Namespace) -> dict:
@@ -200,7 +182,11 @@ def measure_flops(args: argparse.Namespace) -> dict:
     total, by_op = counted_flops(lambda: train.train_step(state))
     batch = state.config.batch_size
     sample_total, _ = counted_flops(lambda: train.sample(state.G, state.sample_z(batch)))
-    reference_total, reference_sample_total = reference_step_flops(args), reference_sample_flops(args, batch)
+    reference = load_reference(Path(args.reference))
+    reference_G, reference_z = reference_sampler(reference, args.model, args.attn, batch)
+    with torch.no_grad():
+        reference_sample_total, _ = counted_flops(lambda: reference_G(reference_z))
+    reference_total = reference_step_flops(reference, args)
     rate = sgemm_gflops()
     return {
         "model": args.model, "attn": args.attn, "batch_size": batch, "threads": torch.get_num_threads(),
@@ -242,15 +228,18 @@ def load_reference(path: Path):
     return module
 
 
+def reference_sampler(reference, model: int, attn: bool, batch: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """seedref's G in eval mode (its spectral norm still runs a power iteration) and a batch of its noise."""
+    torch.manual_seed(0)
+    G, _, _ = reference.models(model, attn)
+    return G.eval(), torch.randn(batch, 100, 1, 1)
+
+
 def measure_reference_sampling(args: argparse.Namespace) -> dict:
     """Images per second of the original's G forward in eval mode under no_grad (its spectral norm
     still runs a power iteration on every forward)."""
     set_threads(args.threads)
-    reference = load_reference(Path(args.reference))
-    torch.manual_seed(0)
-    G, _, _ = reference.models(args.model, True)
-    G.eval()
-    z = torch.randn(args.sample_batch, 100, 1, 1)
+    G, z = reference_sampler(load_reference(Path(args.reference)), args.model, True, args.sample_batch)
     with torch.no_grad():
         G(z)
         times = timed(lambda: G(z), args.sample_reps)
