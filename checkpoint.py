@@ -84,8 +84,12 @@ def load_generator(path: str | Path, *, ema: bool = True, device: str | torch.de
 
 
 def generator_kwargs(config: dict) -> dict:
-    """The Generator constructor keywords recorded in a training config."""
-    return {key: config[key] for key in ("attn", "z_dim", "conv_dim", "spectral_norm", "attn_variant")}
+    """The Generator constructor keywords recorded in a training config (older configs lack the newer ones,
+    whose constructor defaults are what those runs trained with)."""
+    kwargs = {key: config[key] for key in ("attn", "z_dim", "conv_dim", "spectral_norm", "attn_variant")}
+    if config.get("g_attn_sizes") is not None:
+        kwargs["attn_sizes"] = tuple(config["g_attn_sizes"])
+    return kwargs
 
 
 def read_config(run_dir: str | Path) -> dict:

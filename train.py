@@ -36,7 +36,10 @@ from torch.utils.data import Dataset
 from torchvision.utils import save_image
 
 import data
+from augment import diff_augment, parse_policy
+from blocks import INITS, initialise
 from checkpoint import LATEST, atomic_save, generator_kwargs, load_checkpoint, model_module, read_config
+from ema import standing_statistics, update_ema
 from utils import memory_format_for, pick_device, to_unit_range
 
 LOSSES = ("hinge", "nonsaturating", "wgan-gp")
@@ -60,11 +63,17 @@ class TrainConfig:
     # model
     attn: bool = _help("self-attention layers (--no-attn: the DCGAN baseline)", True)
     attn_variant: str = _help("'original' (q/k C/2, v C) or 'paper' (q/k C/8, v C/2, pooled keys)", "original")
+    g_attn_sizes: tuple[int, ...] | None = _help("sizes of G's feature maps that attention follows (default: the original's, "
+                                                 "14 at 28x28, 16 32 at 64x64)")
+    d_attn_sizes: tuple[int, ...] | None = _help("sizes of D's feature maps that attention follows (default: the original's, "
+                                                 "3 at 28x28, 8 4 at 64x64)")
     z_dim: int = _help("noise dimension", 100)
     conv_dim: int = _help("base channel width", 64)
     spectral_norm: bool = _help("spectral norm in G and D (--no-spectral-norm: plain DCGAN layers)", True)
+    init: str = _help("weight initialisation: default (torch's), normal (DCGAN's N(0, 0.02)) or orthogonal", "default")
     # optimisation
     steps: int = _help("generator updates in total", 2000)
+    minutes: float = _help("also stop after this many minutes of training (evaluation not counted); 0 = no limit", 0.0)
     batch_size: int = _help("images per batch (per process)", 64)
     g_lr: float = _help("generator learning rate", 1e-4)
     d_lr: float = _help("discriminator learning rate (TTUR: 4x the generator's)", 4e-4)
@@ -72,9 +81,14 @@ class TrainConfig:
     beta2: float = _help("Adam beta2", 0.9)
     loss: str = _help("hinge, nonsaturating (classic DCGAN) or wgan-gp", "hinge")
     gp_weight: float = _help("gradient-penalty weight for wgan-gp", 10.0)
+    r1_weight: float = _help("R1: weight gamma of the zero-centred gradient penalty gamma/2 E||grad D(real)||^2; 0 = off", 0.0)
+    r1_every: int = _help("apply R1 every N steps, scaled by N (lazy regularisation, as in StyleGAN2)", 16)
+    augment: str = _help("DiffAugment policy for everything D sees: '' (off), e.g. 'translation,cutout' or "
+                         "'color,translation,cutout'", "")
     d_steps: int = _help("discriminator updates per generator update (5 is usual for wgan-gp)", 1)
     reuse_fakes: bool = _help("the G update reuses the D update's fakes: one G forward per step instead of two", False)
     ema_decay: float = _help("EMA of G's weights for samples and evaluation; 0 = off (0.999 is usual)", 0.0)
+    ema_start: int = _help("the EMA copies G until this step, then averages", 0)
     seed: int = _help("seeds weights, data order, noise and the fixed sample noise", 0)
     # machine
     device: str = _help("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps", "auto")
@@ -88,15 +102,27 @@ class TrainConfig:
     out: str | None = _help("run directory (default: runs/<timestamp>-<dataset>-<arm>)")
     sample_every: int = _help("save an 8x8 grid of the fixed noise every N steps", 100)
     log_every: int = _help("append to metrics.csv every N steps", 10)
-    checkpoint_every: int = _help("keep checkpoints/step_N.pt every N steps (latest.pt is always kept)", 500)
+    checkpoint_every: int = _help("keep checkpoints/step_N.pt every N steps (latest.pt is written then too)", 500)
+    checkpoint_minutes: float = _help("also write checkpoints/latest.pt every N minutes of training; 0 = off", 5.0)
     eval_every: int = _help("evaluate sample quality every N steps (0: never)", 0)
+    eval_minutes: float = _help("also evaluate every N minutes of training (0: never)", 0.0)
     eval_n: int = _help("generated images per evaluation during training", 1000)
     quiet: bool = _help("no progress bar", False)
 
     def __post_init__(self):
         if not self.image_size:
             self.image_size = IMAGE_SIZES.get(self.dataset, 64)
+        for name in ("g_attn_sizes", "d_attn_sizes"):  # config.json holds lists
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
         self.validate()
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "TrainConfig":
+        """A config from a named set of defaults (PRESETS), with `overrides` on top."""
+        if preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        return cls(**{**PRESETS[preset], **overrides})
 
     def validate(self) -> None:
         """Refuse nonsensical values up front, naming the field."""
@@ -107,13 +133,21 @@ class TrainConfig:
         require(self.dataset in data.DATASETS, "dataset", f"one of {', '.join(data.DATASETS)}")
         require(self.image_size in (28, 64), "image_size", "28 or 64")
         require(self.attn_variant in ("original", "paper"), "attn_variant", "'original' or 'paper'")
+        require(self.init in INITS, "init", f"one of {', '.join(INITS)}")
+        try:
+            parse_policy(self.augment)
+        except ValueError as error:
+            raise ConfigError(f"augment: {error}") from None
         require(self.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}")
         require(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
-        for name in ("steps", "batch_size", "z_dim", "d_steps", "sample_every", "log_every", "checkpoint_every", "eval_n", "synthetic_size"):
+        for name in ("steps", "batch_size", "z_dim", "d_steps", "sample_every", "log_every", "checkpoint_every", "eval_n",
+                     "synthetic_size", "r1_every"):
             require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a positive integer")
         require(self.conv_dim >= 8 and self.conv_dim % 8 == 0, "conv_dim", "a positive multiple of 8")
-        for name in ("eval_every", "threads"):
+        for name in ("eval_every", "threads", "ema_start"):
             require(getattr(self, name) >= 0, name, "0 or a positive integer")
+        for name in ("minutes", "checkpoint_minutes", "eval_minutes", "r1_weight"):
+            require(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0")
         require(self.num_workers >= -1, "num_workers", "-1 (auto), 0 or a positive integer")
         for name in ("g_lr", "d_lr"):
             require(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "a positive finite number")
@@ -135,8 +169,25 @@ class NonFiniteLossError(RuntimeError):
 
 
 # Fields a resumed run may change; every other field must match the run's config.json.
-RESUMABLE_OVERRIDES = {"steps", "device", "precision", "channels_last", "compile", "threads", "num_workers", "sync_bn",
-                       "sample_every", "log_every", "checkpoint_every", "eval_every", "eval_n", "quiet", "data_root", "out"}
+RESUMABLE_OVERRIDES = {"steps", "minutes", "device", "precision", "channels_last", "compile", "threads", "num_workers",
+                       "sync_bn", "sample_every", "log_every", "checkpoint_every", "checkpoint_minutes", "eval_every",
+                       "eval_minutes", "eval_n", "quiet", "data_root", "out"}
+
+# The original project's training recipe (github.com/franknb/Self-attention-DCGAN), one switch away: --preset original.
+PRESETS = {
+    "default": {},
+    "original": dict(g_lr=1e-4, d_lr=4e-4, beta1=0.0, beta2=0.9, batch_size=64, loss="hinge", d_steps=1, z_dim=100,
+                     conv_dim=64, attn_variant="original", g_attn_sizes=None, d_attn_sizes=None, spectral_norm=True,
+                     init="default", augment="", r1_weight=0.0, reuse_fakes=False, ema_decay=0.0, ema_start=0),
+}
+
+
+def complete_config(saved: dict) -> dict:
+    """A run's config.json with the fields it predates filled in as that run trained: a field added later
+    takes the original recipe's value where that preset sets it (the behaviour before the field existed),
+    otherwise its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return defaults | PRESETS["original"] | saved
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -167,6 +218,14 @@ def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, noise
     with torch.autocast(real.device.type, enabled=False), sdpa_kernel([SDPBackend.MATH]):
         (grad,) = torch.autograd.grad(D(mixed).sum(), mixed, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+def r1_penalty(D: nn.Module, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): mean of ||grad_x D(x)||^2 at real images, computed in fp32."""
+    real = real.detach().float().requires_grad_(True)
+    with torch.autocast(real.device.type, enabled=False), sdpa_kernel([SDPBackend.MATH]):
+        (grad,) = torch.autograd.grad(D(real).sum(), real, create_graph=True)
+    return grad.flatten(1).square().sum(dim=1).mean()
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -250,6 +309,7 @@ class TrainState:
     D_synced: Callable = None
     step: int = 0
     wall_time: float = 0.0  # seconds of training so far, summed over every process that resumed the run
+    ema_stale: bool = False  # G_ema's weights moved since its BatchNorm statistics were last computed
 
     def __post_init__(self):
         # `is None`, not truthiness: a compiled module has no __len__ to answer bool().
@@ -265,6 +325,23 @@ class TrainState:
 
     def sample_z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.config.z_dim, generator=self.noise).to(self.device, non_blocking=True)
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """What D sees of any image: the DiffAugment policy applied, or the images as they are."""
+        return diff_augment(images, self.config.augment, self.noise) if self.config.augment else images
+
+    def sampler(self) -> nn.Module:
+        """The generator that samples and is evaluated: the EMA one, with fresh BatchNorm statistics, if kept."""
+        if self.G_ema is None:
+            return self.G
+        if self.ema_stale:
+            standing_statistics(self.G_ema, self.generator_inputs)
+            self.ema_stale = False
+        return self.G_ema
+
+    def generator_inputs(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor]:
+        """G's inputs for n samples drawn from `generator`."""
+        return (torch.randn(n, self.config.z_dim, generator=generator).to(self.device),)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -290,7 +367,9 @@ def build_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
     module = model_module(config.image_size)
     G = module.Generator(**generator_kwargs(dataclasses.asdict(config)))
     D = module.Discriminator(attn=config.attn, conv_dim=config.conv_dim, spectral_norm=config.spectral_norm,
-                             attn_variant=config.attn_variant)
+                             attn_variant=config.attn_variant, attn_sizes=config.d_attn_sizes)
+    initialise(G, config.init)
+    initialise(D, config.init)
     return G, D
 
 
@@ -355,10 +434,12 @@ def discriminator_step(state: TrainState, fake: torch.Tensor | None = None) -> d
     fake = fake.detach()
     with state.autocast():
         # D has no batch statistics, so one pass over real and fake equals two (and runs one power iteration).
-        d_real, d_fake = state.D_synced(torch.cat([real, fake])).float().chunk(2)
+        d_real, d_fake = state.D_synced(state.augment(torch.cat([real, fake]))).float().chunk(2)
         loss = discriminator_loss(config.loss, d_real, d_fake)
     if config.loss == "wgan-gp":
         loss = loss + config.gp_weight * gradient_penalty(D, real, fake, state.noise)
+    if config.r1_weight and state.step % config.r1_every == 0:
+        loss = loss + config.r1_weight / 2 * config.r1_every * r1_penalty(D, state.augment(real))
     state.opt_D.zero_grad(set_to_none=True)
     state.scaler_D.scale(loss).backward()
     state.scaler_D.step(state.opt_D)
@@ -381,7 +462,7 @@ def generator_step(state: TrainState, fake: torch.Tensor | None = None) -> dict[
     D.eval().requires_grad_(False)  # eval: spectral norm reuses its vectors; no grads: no wasted weight gradients
     try:
         with state.autocast():
-            loss = generator_loss(state.config.loss, state.D_local(fake).float())
+            loss = generator_loss(state.config.loss, state.D_local(state.augment(fake)).float())
         state.opt_G.zero_grad(set_to_none=True)
         state.scaler_G.scale(loss).backward()
         state.scaler_G.step(state.opt_G)
@@ -389,17 +470,10 @@ def generator_step(state: TrainState, fake: torch.Tensor | None = None) -> dict[
     finally:
         D.train().requires_grad_(True)
     if state.G_ema is not None:
-        update_ema(state.G_ema, state.G, state.config.ema_decay)
+        # state.step counts the steps before this one: the update of step ema_start is the first that averages
+        update_ema(state.G_ema, state.G, state.config.ema_decay if state.step + 1 >= state.config.ema_start else 0.0)
+        state.ema_stale = True
     return {"g_loss": loss.detach()}
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for weights; buffers (BatchNorm statistics and
-    spectral-norm vectors) describe the current weights, so they are copied, not averaged."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
 
 
 def train_step(state: TrainState) -> dict[str, torch.Tensor]:
@@ -462,6 +536,7 @@ def load_state_dict(state: TrainState, checkpoint: dict) -> None:
 def save_checkpoint(state: TrainState, run_dir: Path) -> Path:
     """Write checkpoints/latest.pt atomically, and keep a step_N.pt copy every checkpoint_every steps."""
     folder = run_dir / "checkpoints"
+    state.sampler()  # the EMA generator's BatchNorm statistics up to date in the file
     checkpoint = state_dict(state)
     atomic_save(checkpoint, folder / LATEST)
     if state.step % state.config.checkpoint_every == 0:
@@ -472,9 +547,7 @@ def save_checkpoint(state: TrainState, run_dir: Path) -> Path:
 def check_resumable(saved: dict, config: TrainConfig) -> None:
     """Refuse to resume with settings that would make a different run."""
     wanted = dataclasses.asdict(config)
-    # A field missing from config.json is newer than the run, which therefore ran with the field's default
-    # (new fields must default to the old behaviour, as reuse_fakes does).
-    saved = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | saved
+    saved = dataclasses.asdict(TrainConfig(**complete_config(saved)))  # as the run trained, lists read as tuples
     clashes = [f"{name}: run has {saved[name]!r}, asked for {wanted[name]!r}"
                for name in wanted if name not in RESUMABLE_OVERRIDES and saved[name] != wanted[name]]
     if clashes:
@@ -603,20 +676,22 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     gamma_columns = [f"gamma_G{i}" for i in range(len(state.G.attention_gammas()))] + \
                     [f"gamma_D{i}" for i in range(len(state.D.attention_gammas()))]
     evaluator = _evaluator(config, device) if job.is_main else None
-    columns = ["step", "d_loss", "g_loss", "d_real", "d_fake", *gamma_columns, "img_per_s", "wall_time",
-               *(evaluator.columns if evaluator else [])]
+    eval_columns = evaluator.columns if evaluator else []
+    if evaluator and state.G_ema is not None:
+        eval_columns += [f"ema_{column}" for column in evaluator.columns]
+    columns = ["step", "d_loss", "g_loss", "d_real", "d_fake", *gamma_columns, "img_per_s", "wall_time", *eval_columns]
     log = RunLog(run_dir, columns, state.step) if job.is_main else None
-    sampler = state.G_ema if state.G_ema is not None else state.G
     progress = _progress_bar(config, state.step, disable=config.quiet or not job.is_main)
     last_good = run_dir / "checkpoints" / LATEST
-    clock, images_since = time.perf_counter(), 0
-    wall_start = clock - state.wall_time
+    clock = Stopwatch(state.wall_time)
+    logged_at, images_since = state.wall_time, 0
     try:
         with stop_at_step_boundary() as stop_requested:
-            while state.step < config.steps:
+            last = state.step >= config.steps or out_of_time(state)
+            while not last:
+                before = state.wall_time
                 metrics = train_step(state)
-                step = state.step
-                state.wall_time = time.perf_counter() - wall_start
+                step, state.wall_time = state.step, clock.seconds()
                 images_since += config.batch_size * job.world_size
                 # A NaN in any process reaches every process's weights through the gradient all-reduce
                 # within this step, so all processes stop here together.
@@ -626,25 +701,29 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
                     raise NonFiniteLossError(f"Non-finite loss at step {step} ({values}); {kept}. "
                                              "Try lower learning rates, --precision fp32 or --loss hinge.")
                 progress.update(1)
-                if step % config.log_every == 0 or step == config.steps:
+                last = step >= config.steps or any_process(job.is_main and out_of_time(state), job, device)
+                evaluating = evaluator is not None and (last or due(step, config.eval_every, before, state.wall_time,
+                                                                    config.eval_minutes))
+                if step % config.log_every == 0 or last or evaluating:
                     metrics = mean_over_processes(metrics, job)
-                    now = time.perf_counter()
                     row = {"step": step, **{k: round(v.item(), 5) for k, v in metrics.items()},
                            **dict(zip(gamma_columns, [round(g, 5) for g in state.G.attention_gammas() + state.D.attention_gammas()])),
-                           "img_per_s": round(images_since / (now - clock), 2), "wall_time": round(state.wall_time, 2)}
-                    clock, images_since = now, 0
-                    if evaluator and config.eval_every and step % config.eval_every == 0:
-                        row |= evaluator(sampler, config.eval_n)
+                           "img_per_s": round(images_since / max(state.wall_time - logged_at, 1e-9), 2),
+                           "wall_time": round(state.wall_time, 2)}
+                    logged_at, images_since = state.wall_time, 0
+                    if evaluating:
+                        with clock.paused():  # measuring is not training: the budget and img/s leave it out
+                            row |= evaluate_generators(state, evaluator)
                     if log:
                         log.metrics(row)
                     progress.set_postfix(_postfix(row, gamma_columns), refresh=False)
                 stopping = any_process(stop_requested.is_set(), job, device)
                 if job.is_main:
-                    if step % config.sample_every == 0 or step == config.steps:
-                        grid = log.grid(sample(sampler, fixed_z), step)
+                    if step % config.sample_every == 0 or last:
+                        grid = log.grid(sample(state.sampler(), fixed_z), step)
                         if on_sample:
                             on_sample(step, grid)
-                    if step % config.checkpoint_every == 0 or step == config.steps or stopping:
+                    if last or stopping or due(step, config.checkpoint_every, before, state.wall_time, config.checkpoint_minutes):
                         last_good = save_checkpoint(state, run_dir)
                 if stopping:  # checkpointed above; raising tells callers (compare, notebooks) to stop too
                     raise KeyboardInterrupt(f"Stopped at step {step}; checkpoint saved. "
@@ -654,6 +733,45 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
         if log:
             log.close()
     return run_dir
+
+
+class Stopwatch:
+    """Seconds of training: counts on from a resumed run's total, and leaves out what runs while paused."""
+
+    def __init__(self, seconds: float = 0.0):
+        self._origin = time.perf_counter() - seconds
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self._origin
+
+    @contextmanager
+    def paused(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._origin += time.perf_counter() - started
+
+
+def due(step: int, every_steps: int, seconds_before: float, seconds_after: float, every_minutes: float) -> bool:
+    """A periodic task is due at a multiple of `every_steps` (0: never), or when the step carried the training time
+    over a multiple of `every_minutes` (0: never)."""
+    by_steps = every_steps > 0 and step % every_steps == 0
+    period = every_minutes * 60
+    return by_steps or (period > 0 and seconds_after // period > seconds_before // period)
+
+
+def out_of_time(state: TrainState) -> bool:
+    """The run has used its time budget (config.minutes)."""
+    return 0 < state.config.minutes * 60 <= state.wall_time
+
+
+def evaluate_generators(state: TrainState, evaluator) -> dict[str, float]:
+    """The evaluator's columns for G, and for the EMA generator (prefixed ema_) when the run keeps one."""
+    row = evaluator(state.G, state.config.eval_n)
+    if state.G_ema is not None:
+        row |= {f"ema_{name}": value for name, value in evaluator(state.sampler(), state.config.eval_n).items()}
+    return row
 
 
 def load_training_data(config: TrainConfig) -> tuple[Dataset, str]:
@@ -696,7 +814,7 @@ def _open_run(state: TrainState, run_dir: Path, resume: bool) -> torch.Tensor | 
 
 def _evaluator(config: TrainConfig, device: torch.device):
     """evaluate.TrainingEvaluator for runs that evaluate during training, else None."""
-    if not config.eval_every:
+    if not (config.eval_every or config.eval_minutes):
         return None
     import evaluate
 
@@ -743,22 +861,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
         kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # `X | None` -> X
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"])
+        elif typing.get_origin(kind) is tuple:  # tuple[int, ...]: --g-attn-sizes 7 14
+            parser.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", default=argparse.SUPPRESS,
+                                metavar="SIZE", help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                 help=f"{f.metadata['help']} (default: {f.default})")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
     parser.add_argument("--compare", action="store_true", help="train the attention model and its baseline, same seed")
+    parser.add_argument("--preset", choices=PRESETS, default="default",
+                        help="start from these defaults; other flags override them ('original': the original project's recipe)")
     args = parser.parse_args(argv)
-    extras = argparse.Namespace(resume=args.__dict__.pop("resume"), compare=args.__dict__.pop("compare"))
+    extras = argparse.Namespace(**{name: args.__dict__.pop(name) for name in ("resume", "compare", "preset")})
     return vars(args), extras
 
 
 def config_from_args(overrides: dict, extras: argparse.Namespace) -> TrainConfig:
     """A new run's config from the flags, or a resumed run's config.json with the flags that may change."""
     if not extras.resume:
-        return TrainConfig(**overrides)
+        return TrainConfig.from_preset(extras.preset, **overrides)
+    if extras.preset != "default":
+        raise ConfigError("--preset sets up a new run; a resumed run keeps the settings in its config.json")
     saved = read_config(Path(extras.resume) / "with_attention" if extras.compare else extras.resume)
-    config = TrainConfig(**{**saved, **overrides, "out": extras.resume})
+    config = TrainConfig(**{**complete_config(saved), **overrides, "out": extras.resume})
     check_resumable(saved, config)
     return config
 

@@ -301,3 +301,118 @@ def test_training_uses_the_whole_dataset(data_root):
     assert len(dataset) == 10_000
     dataset, _ = train.load_training_data(TrainConfig(dataset="synthetic", synthetic_size=64))
     assert len(dataset) == 64
+
+
+def test_r1_penalty_of_a_linear_critic_is_its_squared_weight_norm():
+    critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        critic[1].weight.copy_(torch.tensor([[3.0, 0.0, 4.0, 0.0]]))
+    assert train.r1_penalty(critic, torch.randn(5, 1, 2, 2)).item() == pytest.approx(25.0)
+
+
+def test_r1_is_added_to_D_loss_every_r1_every_steps_scaled_by_it(tmp_path):
+    plain, penalised = _state(tmp_path), _state(tmp_path, r1_weight=2.0, r1_every=2)
+    losses = [(train.discriminator_step(plain)["d_loss"].item(), train.discriminator_step(penalised)["d_loss"].item())]
+    plain.step = penalised.step = 1
+    losses.append((train.discriminator_step(plain)["d_loss"].item(), train.discriminator_step(penalised)["d_loss"].item()))
+    assert losses[0][1] > losses[0][0] + 1e-6, "step 0: R1 applies"
+    assert losses[1][1] == pytest.approx(losses[1][0], abs=0.05), "step 1: no R1 (only the weights differ, slightly)"
+
+
+def test_diffaugment_reaches_D_in_both_updates(tmp_path):
+    plain, augmented = _state(tmp_path), _state(tmp_path, augment="translation,cutout")
+    seen = {"plain": [], "augmented": []}
+    for name, state in (("plain", plain), ("augmented", augmented)):
+        state.D.register_forward_pre_hook(lambda module, inputs, name=name: seen[name].append(inputs[0].detach().clone()))
+        train.train_step(state)
+    (d_plain, g_plain), (d_augmented, g_augmented) = seen["plain"], seen["augmented"]
+    assert d_plain.shape == d_augmented.shape and not torch.equal(d_plain, d_augmented)
+    assert (d_augmented == 0).float().mean() > (d_plain == 0).float().mean() + 0.1, "cutout's zeros reach D's update"
+    assert (g_augmented == 0).float().mean() > (g_plain == 0).float().mean() + 0.1, "and G's update"
+
+
+def test_ema_copies_G_until_ema_start_then_averages(tmp_path):
+    state = _state(tmp_path, ema_decay=0.5, ema_start=3)
+    for _ in range(2):
+        train.train_step(state)
+        assert all(torch.equal(e, p) for e, p in zip(state.G_ema.parameters(), state.G.parameters()))
+    train.train_step(state)
+    assert any(not torch.equal(e, p) for e, p in zip(state.G_ema.parameters(), state.G.parameters()))
+
+
+def test_the_ema_sampler_gets_batchnorm_statistics_of_its_own_weights(tmp_path):
+    state = _state(tmp_path, ema_decay=0.5)
+    for _ in range(3):
+        train.train_step(state)
+    assert state.ema_stale
+    sampler = state.sampler()
+    assert sampler is state.G_ema and not state.ema_stale
+    G_mean = [m.running_mean for m in state.G.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    ema_mean = [m.running_mean for m in state.G_ema.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(not torch.equal(a, b) for a, b in zip(G_mean, ema_mean)), "not the live G's statistics"
+    expected = {k: v.clone() for k, v in state.G_ema.state_dict().items()}
+    train.standing_statistics(state.G_ema, state.generator_inputs)
+    assert all(torch.equal(v, state.G_ema.state_dict()[k]) for k, v in expected.items())
+
+
+def test_a_time_budget_stops_the_run_and_evaluation_time_is_not_counted(tmp_path, data_root):
+    run_dir = train.train(tiny(tmp_path, dataset="mnist", data_root=str(data_root), steps=100_000, minutes=0.05,
+                               eval_minutes=0.02, eval_n=200, ema_decay=0.9, log_every=1000))
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert 0.05 * 60 <= float(rows[-1]["wall_time"]) < 0.05 * 60 + 2
+    evaluated = [row for row in rows if row["classifier_fid"]]
+    assert len(evaluated) >= 3 and evaluated[-1] is rows[-1], "every 0.02 minutes and at the end"
+    assert all(row["ema_classifier_fid"] for row in evaluated)
+    checkpoint = load_checkpoint(run_dir)
+    assert checkpoint["step"] == int(rows[-1]["step"]) and checkpoint["wall_time"] == pytest.approx(float(rows[-1]["wall_time"]), abs=0.01)
+    resumed = train.train(tiny(tmp_path, dataset="mnist", data_root=str(data_root), steps=100_000, minutes=0.05,
+                               eval_minutes=0.02, eval_n=200, ema_decay=0.9, log_every=1000), resume=True)
+    assert load_checkpoint(resumed)["step"] == checkpoint["step"], "a spent budget trains no further"
+
+
+@pytest.mark.parametrize("every_steps, before, after, minutes, expected", [
+    (10, 0.0, 1.0, 0.0, False), (0, 59.0, 61.0, 1.0, True), (0, 61.0, 62.0, 1.0, False), (0, 119.9, 120.0, 1.0, True),
+    (0, 10.0, 500.0, 0.0, False),
+])
+def test_due_by_time(every_steps, before, after, minutes, expected):
+    assert train.due(7, every_steps, before, after, minutes) is expected
+    assert train.due(20, 10, before, after, minutes) is True
+
+
+def test_the_original_preset_is_the_original_projects_recipe():
+    original = TrainConfig.from_preset("original")
+    # From the original project (../shared/docs/architecture.md): hinge loss, Adam G 1e-4 / D 4e-4, betas 0 and 0.9,
+    # batch 64, z of 100, attention in G at 14x14 and in D at 3x3 (28x28), spectral norm, plain training.
+    expected = dict(loss="hinge", g_lr=1e-4, d_lr=4e-4, beta1=0.0, beta2=0.9, batch_size=64, z_dim=100, conv_dim=64,
+                    d_steps=1, spectral_norm=True, attn_variant="original", ema_decay=0.0, reuse_fakes=False,
+                    augment="", r1_weight=0.0, init="default", sample_every=100)
+    assert {name: getattr(original, name) for name in expected} == expected
+    G, D = train.build_models(original)
+    assert len(G.attention_gammas()) == len(D.attention_gammas()) == 1
+    assert G.attn_sizes == (14,) and D.attn_sizes == (3,)
+    overrides, extras = train.parse_args(["--preset", "original", "--g-lr", "3e-4"])
+    config = train.config_from_args(overrides, extras)
+    assert config.g_lr == 3e-4 and config.d_lr == 4e-4 and config.beta2 == 0.9
+
+
+def test_an_old_run_resumes_with_the_settings_it_trained_with(tmp_path):
+    """A config.json written before the recipe fields existed (as the published runs' are)."""
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig.from_preset("original", **TINY, out=str(tmp_path))).items()
+           if k not in ("reuse_fakes", "ema_start", "augment", "r1_weight", "r1_every", "init", "g_attn_sizes",
+                        "d_attn_sizes", "minutes", "eval_minutes", "checkpoint_minutes")}
+    completed = train.complete_config(old)
+    assert completed["augment"] == "" and completed["r1_weight"] == 0 and completed["reuse_fakes"] is False
+    config = TrainConfig(**completed)
+    train.check_resumable(old, config)
+    assert train.build_models(config)[1].attn_sizes == (3,)
+
+
+def test_attention_sizes_are_flags_and_survive_config_json(tmp_path):
+    overrides, extras = train.parse_args(["--d-attn-sizes", "7", "--g-attn-sizes", "7", "14"])
+    config = train.config_from_args(overrides, extras)
+    assert config.d_attn_sizes == (7,) and config.g_attn_sizes == (7, 14)
+    reread = TrainConfig(**json.loads(json.dumps(dataclasses.asdict(config))))
+    assert reread == config
+    train.check_resumable(json.loads(json.dumps(dataclasses.asdict(config))), config)
+    G, D = train.build_models(dataclasses.replace(config, image_size=28))
+    assert len(G.attention_gammas()) == 2 and D.attn_sizes == (7,)
