@@ -1,32 +1,72 @@
-"""Checkpoints: atomic writes, loading, and a one-call generator loader for runs and published weights."""
+"""Checkpoints: atomic writes, safe loading with a fallback to older copies, and a one-call generator loader.
+
+Every file is read with torch.load(weights_only=True): checkpoints and weights files hold tensors and plain
+values only, so a file carrying a pickled object is refused unread (loading it could run its code). The one
+exception allowed is numpy's array, in which checkpoints written before the project stored its RNG state
+as a list kept numpy's RNG state.
+"""
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from utils import memory_format_for
 
 LATEST = "latest.pt"
+STEP_COPY = re.compile(r"step_(\d+)\.pt")
+# What older checkpoints need beyond torch's weights-only types: numpy's RNG state as an ndarray of uint32.
+LEGACY_SAFE_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves `path` half-written."""
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be used; the message names the file and what to do."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """The file is truncated, empty or not a torch file."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """The file carries pickled Python objects, which loading would run; it was refused unread."""
+
+
+@contextmanager
+def _replacing(path: str | Path):
+    """A binary file to write, created beside `path` and renamed over it once complete (and synced to disk):
+    a crash never leaves `path` half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save through a temporary file and a rename."""
+    with _replacing(path) as f:
+        torch.save(obj, f)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """A text file written through a temporary file and a rename."""
+    with _replacing(path) as f:
+        f.write(text.encode())
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -42,9 +82,62 @@ def checkpoint_path(path: str | Path) -> Path:
     return path
 
 
+def read_file(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """A checkpoint or weights file, loaded with weights_only=True; CheckpointError says why it cannot be."""
+    try:
+        with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
+            return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        blocked = re.search(r"(unsupported global[^\n]*)", str(error), re.IGNORECASE)
+        if blocked:
+            raise UnsafeCheckpoint(
+                f"{path} was refused unread: it carries a pickled Python object ({blocked.group(1).strip()}), which "
+                f"loading would run. This project's checkpoints and weights files hold tensors and plain values only; "
+                f"load it with torch.load(weights_only=False) yourself only if you trust where it came from") from None
+        raise DamagedCheckpoint(f"{path} is not a readable torch file ({_reason(error)})") from None
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # a truncated or garbled file fails in many ways: zip, OSError, EOFError, ...
+        raise DamagedCheckpoint(f"{path} is damaged or incomplete ({_reason(error)})") from None
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:120]}" if text else type(error).__name__
+
+
+def checkpoint_files(run_dir: str | Path) -> list[Path]:
+    """A run's checkpoints, newest first: latest.pt, then the step_N.pt copies from the highest step down."""
+    folder = Path(run_dir) / "checkpoints"
+    copies = sorted((path for path in folder.glob("step_*.pt") if STEP_COPY.fullmatch(path.name)),
+                    key=lambda path: int(STEP_COPY.fullmatch(path.name).group(1)), reverse=True)
+    return [path for path in [folder / LATEST, *copies] if path.is_file()]
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """The checkpoint dict at `path` (a file or a run directory)."""
-    return torch.load(checkpoint_path(path), map_location=device, weights_only=False)
+    """The checkpoint dict at `path`: a file, or a run directory's newest intact checkpoint.
+
+    When a run's latest.pt cannot be read (a full disk, a copy cut short), the newest intact step_N.pt is used,
+    with a warning naming both; when none is intact, DamagedCheckpoint says so.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return read_file(checkpoint_path(path), device)
+    candidates = checkpoint_files(path)
+    if not candidates:
+        checkpoint_path(path)  # raises the usual FileNotFoundError
+    damaged = []
+    for candidate in candidates:
+        try:
+            checkpoint = read_file(candidate, device)
+        except DamagedCheckpoint as error:
+            damaged.append(error)
+            continue
+        if damaged:
+            warnings.warn(f"{damaged[0]}; using {candidate} (step {checkpoint['step']}) instead", stacklevel=2)
+        return checkpoint
+    raise DamagedCheckpoint(f"{damaged[0]}, and no intact step_N.pt copy is beside it: {path} cannot be resumed or "
+                            f"evaluated. Restore the file from a backup, or start the run again with a new --out")
 
 
 def model_module(image_size: int):

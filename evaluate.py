@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+import checkpoint
 import data
 import mnist_classifier
 
@@ -468,8 +469,6 @@ def _protocol_lines(protocol: dict, indent: str) -> list[str]:
 
 def evaluate_checkpoint(path: str | Path, n: int, *, ema: bool = True, **kwargs) -> dict:
     """Load a generator from a run dir / checkpoint / weights file (checkpoint.load_generator) and score it."""
-    import checkpoint  # lazy: evaluation of images and floors works without the training code
-
     device = kwargs.get("device", "cpu")
     G, info = checkpoint.load_generator(path, ema=ema, device=device)
     result = evaluate_generator(G, info["dataset"], n, ema=info["ema"], **kwargs)
@@ -502,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             result = real_floor(args.floor, args.n, **options)
         else:
             result = evaluate_checkpoint(args.target, args.n, ema=not args.no_ema, **options)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else format_table(result))

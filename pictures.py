@@ -31,7 +31,7 @@ from utils import to_unit_range
 ARM_TITLES = ("Without Attention", "With Attention")
 GRID_NAME = re.compile(r"step_(\d+)\.png")
 DATASET_SIZES = {"mnist": 60_000, "mnist-5k": 5_000}  # training images; other datasets are counted
-TRAINING_COLUMNS = ("step", "d_loss", "g_loss", "d_real", "d_fake", "img_per_s", "wall_time")
+TRAINING_COLUMNS = ("step", "d_loss", "g_loss", "d_real", "d_fake", "img_per_s", "wall_time", "cpu_time")
 WHITE, INK = (255, 255, 255), (20, 20, 20)
 
 # ---------------------------------------------------------------------------------------------- grids
@@ -69,7 +69,7 @@ def open_image(path: str | Path) -> Image.Image:
 
 def fixed_noise(run_dir: str | Path) -> torch.Tensor:
     """The 64 noise vectors behind the run's sample grids, (64, z_dim)."""
-    return torch.load(Path(run_dir) / "fixed_z.pt")
+    return torch.load(Path(run_dir) / "fixed_z.pt", weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------- captions

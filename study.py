@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import load_checkpoint
+
 ROOT = Path(__file__).resolve().parent
 ARMS = {"sagan": [], "baseline": ["--no-attn"]}
 # Every variant is a list of train.py flags. Stage 1 changes one thing of the original recipe; the recipe
@@ -62,7 +64,7 @@ class Run:
 
 def train_command(run: Run, minutes: float, args: argparse.Namespace) -> list[str]:
     """The train.py command that trains (or resumes) `run` up to `minutes` of training."""
-    budget = ["--minutes", str(minutes), "--steps", str(args.steps), "--threads", str(args.threads), "--quiet",
+    budget = ["--minutes", str(minutes), "--clock", args.clock, "--steps", str(args.steps), "--threads", str(args.threads), "--quiet",
               "--eval-minutes", str(args.eval_minutes), "--eval-n", str(args.eval_n)]
     if (run.folder / "checkpoints" / "latest.pt").exists():
         return [sys.executable, str(ROOT / "train.py"), "--resume", str(run.folder), *budget]
@@ -114,9 +116,9 @@ def execute(run: Run, args: argparse.Namespace) -> None:
                                               run.folder.parent / f"{run.folder.name}.log")
             record_path.write_text(json.dumps(record, indent=2))
         if minutes in args.milestones and key not in record["milestones"]:
-            latest = torch.load(run.folder / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+            latest = load_checkpoint(run.folder)
             record["milestones"][key] = {
-                "step": latest["step"], "wall_time": round(latest["wall_time"], 1),
+                "step": latest["step"], "wall_time": round(latest["wall_time"], 1), "cpu_time": round(latest["cpu_time"], 1),
                 "fid": score(run, args.final_n, False, args),
                 "ema_fid": score(run, args.final_n, True, args) if latest["G_ema"] is not None else None,
                 "n": args.final_n,
@@ -132,7 +134,8 @@ def read_run(folder: Path) -> dict:
     config = json.loads((folder / "config.json").read_text())
     with open(folder / "metrics.csv", newline="") as f:
         rows = [row for row in csv.DictReader(f) if row.get("classifier_fid")]
-    evaluations = [{"minutes": float(row["wall_time"]) / 60, "images": int(row["step"]) * config["batch_size"],
+    clock = f"{config['clock']}_time"
+    evaluations = [{"minutes": float(row[clock]) / 60, "images": int(row["step"]) * config["batch_size"],
                     "step": int(row["step"]), "fid": float(row["classifier_fid"]),
                     "ema_fid": float(row["ema_classifier_fid"]) if row.get("ema_classifier_fid") else None}
                    for row in rows]
@@ -173,7 +176,8 @@ def summarise_group(runs: list[dict], eval_minutes: float) -> dict:
     throughput = spread([run["evaluations"][-1]["images"] / (60 * run["evaluations"][-1]["minutes"])
                          for run in runs if run["evaluations"]])
     return {"seeds": sorted(run["config"]["seed"] for run in runs), "curve": table, "milestones": milestones,
-            "cpu_share": cpu_share, "img_per_s": throughput, "threads": runs[0]["config"]["threads"]}
+            "cpu_share": cpu_share, "img_per_s": throughput, "threads": runs[0]["config"]["threads"],
+            "clock": runs[0]["config"]["clock"]}
 
 
 def summarise(out: Path, eval_minutes: float) -> dict:
@@ -200,9 +204,12 @@ def markdown(summary: dict) -> str:
     """One row per variant/arm: FID (median, min-max over seeds) at a few points of the budget."""
     lines = [f"Machine: {summary['machine']['cpu']}, {summary['machine']['cores']} cores, torch "
              f"{summary['machine']['torch']}, {summary['machine']['date']} (commit {summary['machine']['commit']}).", ""]
-    lines += ["| variant / arm | seeds | threads | CPU share | img/s | steps at end | FID at end | EMA FID at end | "
+    lines += ["Minutes are minutes of training by each run's clock (wall: elapsed; cpu: the run's own CPU time), "
+              "evaluation not counted. CPU share: the run process's CPU time over its elapsed time. "
+              "FID cells: median (min-max) over the seeds, classifier FID on the evaluation's samples.", ""]
+    lines += ["| variant / arm | seeds | threads | clock | CPU share | img/s | steps at end | FID at end | EMA FID at end | "
               "FID at half | EMA FID at half | milestones (FID / EMA FID) |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, group in summary["groups"].items():
         curve = group["curve"]
         if not curve:
@@ -210,7 +217,7 @@ def markdown(summary: dict) -> str:
         end, half = curve[-1], curve[len(curve) // 2 - 1] if len(curve) > 1 else curve[-1]
         milestones = "; ".join(f"{minutes} min: {_fmt(m['fid'])} / {_fmt(m['ema_fid'])}"
                                for minutes, m in group["milestones"].items())
-        lines.append(f"| {name} | {','.join(map(str, group['seeds']))} | {group['threads']} | "
+        lines.append(f"| {name} | {','.join(map(str, group['seeds']))} | {group['threads']} | {group['clock']} | "
                      f"{group['cpu_share'].get('median', 0):.2f} | {group['img_per_s'].get('median', 0):.0f} | "
                      f"{end['step']['median']:.0f} | {_fmt(end['fid'])} | {_fmt(end['ema_fid'])} | "
                      f"{_fmt(half['fid'])} @ {half['minutes']['median']:.1f} min | {_fmt(half['ema_fid'])} | "
@@ -256,6 +263,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", default=["sagan"], choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget per run (evaluation not counted)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="what the minutes count: each run's own CPU time (default; other load does not eat into "
+                             "it) or elapsed time")
     parser.add_argument("--steps", type=int, default=1_000_000, help="step budget per run (whichever comes first)")
     parser.add_argument("--eval-minutes", type=float, default=1.0, help="score FID every N minutes of training")
     parser.add_argument("--eval-n", type=int, default=2000, help="samples per FID along the way")

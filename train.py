@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import typing
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ from torchvision.utils import save_image
 import data
 from augment import diff_augment, parse_policy
 from blocks import INITS, initialise
-from checkpoint import LATEST, atomic_save, generator_kwargs, load_checkpoint, model_module, read_config
+from checkpoint import (LATEST, CheckpointError, atomic_save, atomic_write_text, checkpoint_files, generator_kwargs, load_checkpoint,
+                        model_module, read_config)
 from ema import standing_statistics, update_ema
 from utils import memory_format_for, pick_device, to_unit_range
 
@@ -74,6 +76,8 @@ class TrainConfig:
     # optimisation
     steps: int = _help("generator updates in total", 2000)
     minutes: float = _help("also stop after this many minutes of training (evaluation not counted); 0 = no limit", 0.0)
+    clock: str = _help("what --minutes, --eval-minutes and --checkpoint-minutes count: 'wall' (elapsed time) or 'cpu' "
+                       "(this process's CPU time, which other programs on the machine do not eat into)", "wall")
     batch_size: int = _help("images per batch (per process)", 64)
     g_lr: float = _help("generator learning rate", 1e-4)
     d_lr: float = _help("discriminator learning rate (TTUR: 4x the generator's)", 4e-4)
@@ -134,6 +138,7 @@ class TrainConfig:
         require(self.image_size in (28, 64), "image_size", "28 or 64")
         require(self.attn_variant in ("original", "paper"), "attn_variant", "'original' or 'paper'")
         require(self.init in INITS, "init", f"one of {', '.join(INITS)}")
+        require(self.clock in ("wall", "cpu"), "clock", "'wall' or 'cpu'")
         try:
             parse_policy(self.augment)
         except ValueError as error:
@@ -169,7 +174,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 # Fields a resumed run may change; every other field must match the run's config.json.
-RESUMABLE_OVERRIDES = {"steps", "minutes", "device", "precision", "channels_last", "compile", "threads", "num_workers",
+RESUMABLE_OVERRIDES = {"steps", "minutes", "clock", "device", "precision", "channels_last", "compile", "threads", "num_workers",
                        "sync_bn", "sample_every", "log_every", "checkpoint_every", "checkpoint_minutes", "eval_every",
                        "eval_minutes", "eval_n", "quiet", "data_root", "out"}
 
@@ -309,6 +314,7 @@ class TrainState:
     D_synced: Callable = None
     step: int = 0
     wall_time: float = 0.0  # seconds of training so far, summed over every process that resumed the run
+    cpu_time: float = 0.0  # CPU seconds of this process (rank 0's in a checkpoint) spent training, likewise
     ema_stale: bool = False  # G_ema's weights moved since its BatchNorm statistics were last computed
 
     def __post_init__(self):
@@ -325,6 +331,10 @@ class TrainState:
 
     def sample_z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.config.z_dim, generator=self.noise).to(self.device, non_blocking=True)
+
+    def training_seconds(self) -> float:
+        """Training time by the clock the config's budgets count (wall or CPU)."""
+        return self.cpu_time if self.config.clock == "cpu" else self.wall_time
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """What D sees of any image: the DiffAugment policy applied, or the images as they are."""
@@ -496,7 +506,7 @@ def train_step(state: TrainState) -> dict[str, torch.Tensor]:
 def state_dict(state: TrainState) -> dict:
     """The whole training state as one dict (what checkpoints hold)."""
     rng = {"torch": torch.get_rng_state(), "noise": state.noise.get_state(), "python": random.getstate(),
-           "numpy": np.random.get_state()}
+           "numpy": _plain_numpy_state(np.random.get_state())}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
@@ -504,8 +514,14 @@ def state_dict(state: TrainState) -> dict:
         "G_ema": state.G_ema.state_dict() if state.G_ema is not None else None,
         "opt_G": state.opt_G.state_dict(), "opt_D": state.opt_D.state_dict(),
         "scaler": {"G": state.scaler_G.state_dict(), "D": state.scaler_D.state_dict()},
-        "step": state.step, "wall_time": state.wall_time, "config": dataclasses.asdict(state.config), "rng": rng, "loader": state.loader.state_dict(),
+        "step": state.step, "wall_time": state.wall_time, "cpu_time": state.cpu_time, "config": dataclasses.asdict(state.config), "rng": rng, "loader": state.loader.state_dict(),
     }
+
+
+def _plain_numpy_state(numpy_state: tuple) -> tuple:
+    """numpy's RNG state with its key array as a list, so that the checkpoint loads with weights_only=True."""
+    name, keys, *rest = numpy_state
+    return (name, keys.tolist(), *rest)
 
 
 def load_state_dict(state: TrainState, checkpoint: dict) -> None:
@@ -526,11 +542,13 @@ def load_state_dict(state: TrainState, checkpoint: dict) -> None:
     else:  # checkpoints hold rank 0's stream; the others restart theirs from the step, whatever the old world size
         state.noise.manual_seed(noise_seed(state.config.seed, state.job.rank, checkpoint["step"]))
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     state.step = checkpoint["step"]
-    state.wall_time = checkpoint.get("wall_time", 0.0)  # checkpoints before this field count from the resume
+    state.wall_time = checkpoint.get("wall_time", 0.0)  # checkpoints before these fields count from the resume
+    state.cpu_time = checkpoint.get("cpu_time", 0.0)
 
 
 def save_checkpoint(state: TrainState, run_dir: Path) -> Path:
@@ -679,19 +697,19 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     eval_columns = evaluator.columns if evaluator else []
     if evaluator and state.G_ema is not None:
         eval_columns += [f"ema_{column}" for column in evaluator.columns]
-    columns = ["step", "d_loss", "g_loss", "d_real", "d_fake", *gamma_columns, "img_per_s", "wall_time", *eval_columns]
+    columns = ["step", "d_loss", "g_loss", "d_real", "d_fake", *gamma_columns, "img_per_s", "wall_time", "cpu_time", *eval_columns]
     log = RunLog(run_dir, columns, state.step) if job.is_main else None
     progress = _progress_bar(config, state.step, disable=config.quiet or not job.is_main)
     last_good = run_dir / "checkpoints" / LATEST
-    clock = Stopwatch(state.wall_time)
+    clock = Stopwatch(state.wall_time, state.cpu_time)
     logged_at, images_since = state.wall_time, 0
     try:
         with stop_at_step_boundary() as stop_requested:
             last = state.step >= config.steps or out_of_time(state)
             while not last:
-                before = state.wall_time
+                before = state.training_seconds()
                 metrics = train_step(state)
-                step, state.wall_time = state.step, clock.seconds()
+                step, (state.wall_time, state.cpu_time) = state.step, clock.read()
                 images_since += config.batch_size * job.world_size
                 # A NaN in any process reaches every process's weights through the gradient all-reduce
                 # within this step, so all processes stop here together.
@@ -702,14 +720,14 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
                                              "Try lower learning rates, --precision fp32 or --loss hinge.")
                 progress.update(1)
                 last = step >= config.steps or any_process(job.is_main and out_of_time(state), job, device)
-                evaluating = evaluator is not None and (last or due(step, config.eval_every, before, state.wall_time,
-                                                                    config.eval_minutes))
+                evaluating = evaluator is not None and (last or due(step, config.eval_every, before,
+                                                                    state.training_seconds(), config.eval_minutes))
                 if step % config.log_every == 0 or last or evaluating:
                     metrics = mean_over_processes(metrics, job)
                     row = {"step": step, **{k: round(v.item(), 5) for k, v in metrics.items()},
                            **dict(zip(gamma_columns, [round(g, 5) for g in state.G.attention_gammas() + state.D.attention_gammas()])),
                            "img_per_s": round(images_since / max(state.wall_time - logged_at, 1e-9), 2),
-                           "wall_time": round(state.wall_time, 2)}
+                           "wall_time": round(state.wall_time, 2), "cpu_time": round(state.cpu_time, 2)}
                     logged_at, images_since = state.wall_time, 0
                     if evaluating:
                         with clock.paused():  # measuring is not training: the budget and img/s leave it out
@@ -723,7 +741,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
                         grid = log.grid(sample(state.sampler(), fixed_z), step)
                         if on_sample:
                             on_sample(step, grid)
-                    if last or stopping or due(step, config.checkpoint_every, before, state.wall_time, config.checkpoint_minutes):
+                    if last or stopping or due(step, config.checkpoint_every, before, state.training_seconds(),
+                                               config.checkpoint_minutes):
                         last_good = save_checkpoint(state, run_dir)
                 if stopping:  # checkpointed above; raising tells callers (compare, notebooks) to stop too
                     raise KeyboardInterrupt(f"Stopped at step {step}; checkpoint saved. "
@@ -736,21 +755,25 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
 
 
 class Stopwatch:
-    """Seconds of training: counts on from a resumed run's total, and leaves out what runs while paused."""
+    """Seconds of training by the wall clock and by this process's CPU clock: counting on from a resumed run's
+    totals, and leaving out what runs while paused."""
 
-    def __init__(self, seconds: float = 0.0):
-        self._origin = time.perf_counter() - seconds
+    def __init__(self, wall: float = 0.0, cpu: float = 0.0):
+        self._wall_origin = time.perf_counter() - wall
+        self._cpu_origin = time.process_time() - cpu
 
-    def seconds(self) -> float:
-        return time.perf_counter() - self._origin
+    def read(self) -> tuple[float, float]:
+        """(wall seconds, CPU seconds)."""
+        return time.perf_counter() - self._wall_origin, time.process_time() - self._cpu_origin
 
     @contextmanager
     def paused(self):
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            self._origin += time.perf_counter() - started
+            self._wall_origin += time.perf_counter() - wall
+            self._cpu_origin += time.process_time() - cpu
 
 
 def due(step: int, every_steps: int, seconds_before: float, seconds_after: float, every_minutes: float) -> bool:
@@ -763,7 +786,7 @@ def due(step: int, every_steps: int, seconds_before: float, seconds_after: float
 
 def out_of_time(state: TrainState) -> bool:
     """The run has used its time budget (config.minutes)."""
-    return 0 < state.config.minutes * 60 <= state.wall_time
+    return 0 < state.config.minutes * 60 <= state.training_seconds()
 
 
 def evaluate_generators(state: TrainState, evaluator) -> dict[str, float]:
@@ -794,21 +817,20 @@ def _shared_run_dir(config: TrainConfig, job: Distributed) -> Path:
 def _open_run(state: TrainState, run_dir: Path, resume: bool) -> torch.Tensor | None:
     """Restore a resumed run (every process) and write config.json and fixed_z.pt (rank 0); returns the fixed noise."""
     config, is_main = state.config, state.job.is_main
+    if resume and not checkpoint_files(run_dir):
+        warnings.warn(f"{run_dir} has no checkpoint yet (it stopped before its first one): starting it from step 0")
+        resume = False
     if resume:
         checkpoint = load_checkpoint(run_dir, state.device)
         check_resumable(checkpoint["config"], config)
         load_state_dict(state, checkpoint)
-        fixed_z = torch.load(run_dir / "fixed_z.pt")
-    else:
-        if (run_dir / "checkpoints" / LATEST).exists():
-            raise ConfigError(f"{run_dir} already holds a run: resume it (--resume {run_dir}) or choose another --out")
-        fixed_z = torch.randn(64, config.z_dim, generator=torch.Generator().manual_seed(config.seed))
-        if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(fixed_z, run_dir / "fixed_z.pt")
+    elif checkpoint_files(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run: resume it (--resume {run_dir}) or choose another --out")
     if not is_main:
         return None
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    fixed_z = torch.randn(64, config.z_dim, generator=torch.Generator().manual_seed(config.seed))
+    atomic_save(fixed_z, run_dir / "fixed_z.pt")
+    atomic_write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", run_dir / "config.json")
     return fixed_z.to(state.device)
 
 
@@ -899,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
             message = f"run directory: {train(config, resume=bool(extras.resume))}"
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(message)
-    except (ConfigError, data.DataError, FileNotFoundError, NonFiniteLossError) as error:
+    except (ConfigError, data.DataError, FileNotFoundError, NonFiniteLossError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
