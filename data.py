@@ -200,27 +200,40 @@ def _find_images(folder: Path, limit: int | None = None) -> list[Path]:
     if not candidates:
         raise DataError(f"{folder} holds {len(files)} files but no images: expected files ending in {extensions} "
                         f"(subfolders included)")
-    readable, unreadable = [], []
+    readable, unreadable, oversized = [], [], []
     for path in candidates:
-        (readable if _is_readable(path) else unreadable).append(path)
+        {"ok": readable, "unreadable": unreadable, "oversized": oversized}[_check_image(path)].append(path)
         if limit is not None and len(readable) == limit:
             break
-    if not readable:
-        raise DataError(f"none of the {len(unreadable)} image files under {folder} can be read (e.g. {unreadable[0]})")
     if unreadable:
         warnings.warn(f"skipped {len(unreadable)} unreadable image file(s) under {folder} (e.g. {unreadable[0].name})",
                       stacklevel=3)
+    if oversized:
+        warnings.warn(f"skipped {len(oversized)} image file(s) over PIL's decompression-bomb limit of "
+                      f"{Image.MAX_IMAGE_PIXELS:,} pixels under {folder} (e.g. {oversized[0].name}); shrink them, or raise "
+                      f"PIL.Image.MAX_IMAGE_PIXELS if you trust them", stacklevel=3)
+    if not readable:
+        raise DataError(f"none of the {len(candidates)} image files under {folder} can be used "
+                        f"(e.g. {(unreadable or oversized)[0]}: {'unreadable' if unreadable else 'too large'})")
     return readable
 
 
-def _is_readable(path: Path) -> bool:
-    """A cheap check (header and checksums, no full decode): ~0.1 ms a file."""
+def _check_image(path: Path) -> str:
+    """'ok', 'unreadable' or 'oversized' (more pixels than PIL's decompression-bomb limit), from the header and
+    checksums only, with no full decode: ~0.1 ms a file."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours, in _find_images, says what to do
+            image = Image.open(path)
+        with image:
+            if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                return "oversized"
             image.verify()
-        return True
+        return "ok"
+    except Image.DecompressionBombError:  # PIL's own refusal, at twice its limit
+        return "oversized"
     except Exception:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for damaged files
-        return False
+        return "unreadable"
 
 
 class ImageFiles(Dataset):

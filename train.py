@@ -11,6 +11,7 @@ Every TrainConfig field is a flag (`batch_size` -> `--batch-size`); notebooks ca
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
 import random
@@ -591,15 +592,17 @@ class RunLog:
         self._tensorboard = _tensorboard_writer(run_dir)
 
     def _trim_after(self, step: int) -> None:
-        """Drop rows logged after the checkpoint a resumed run restarts from: they will be logged again."""
+        """Drop rows logged after the checkpoint a resumed run restarts from (they will be logged again), and a
+        last row cut short by a crash; rewritten atomically, so a crash now loses nothing."""
         if not self.csv_path.exists():
             return
         with open(self.csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
-            writer.writeheader()
-            writer.writerows(row for row in rows if int(row["step"]) <= step)
+            rows = [row for row in csv.DictReader(f) if None not in row.values() and row["step"].isdigit()]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, self.columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(row for row in rows if int(row["step"]) <= step)
+        atomic_write_text(text.getvalue(), self.csv_path)
 
     def metrics(self, row: dict[str, float]) -> None:
         self._csv.writerow(row)
@@ -817,6 +820,9 @@ def _shared_run_dir(config: TrainConfig, job: Distributed) -> Path:
 def _open_run(state: TrainState, run_dir: Path, resume: bool) -> torch.Tensor | None:
     """Restore a resumed run (every process) and write config.json and fixed_z.pt (rank 0); returns the fixed noise."""
     config, is_main = state.config, state.job.is_main
+    if is_main:
+        for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*.tmp"), *run_dir.glob("samples/.*.tmp.png")]:
+            stale.unlink()  # left by a process killed while writing; the file it was replacing is intact
     if resume and not checkpoint_files(run_dir):
         warnings.warn(f"{run_dir} has no checkpoint yet (it stopped before its first one): starting it from step 0")
         resume = False

@@ -149,6 +149,21 @@ def test_folder_loads_mixed_formats_and_skips_corrupt_files(messy_folder):
     assert_images(gray[1][0], (1, 16, 16))
 
 
+def test_images_over_pils_decompression_bomb_limit_are_skipped_with_a_warning(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (12000, 12000)).save(folder / "huge.png")  # 144 million pixels: a 140 KB file
+    Image.new("L", (32, 32), 255).save(folder / "small.png")
+    with pytest.warns(UserWarning, match=r"skipped 1 image file\(s\) over PIL's decompression-bomb limit of "
+                                         r"89,478,485 pixels .*huge\.png") as records:
+        dataset = load_dataset("folder", folder, image_size=16, channels=1)
+    assert [path.name for path in dataset.files] == ["small.png"]
+    assert not [r for r in records if issubclass(r.category, Image.DecompressionBombWarning)], "only our warning"
+    (folder / "small.png").unlink()
+    with pytest.raises(DataError, match=r"none of the 1 image files .*huge\.png: too large"):
+        load_dataset("folder", folder, image_size=16, channels=1)
+
+
 def test_image_that_fails_to_decode_is_replaced_by_the_next(tmp_path):
     folder = tmp_path / "images"
     for index in range(3):  # noise, so that half a file still holds the whole header

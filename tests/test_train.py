@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -432,3 +433,61 @@ def test_attention_sizes_are_flags_and_survive_config_json(tmp_path):
     train.check_resumable(json.loads(json.dumps(dataclasses.asdict(config))), config)
     G, D = train.build_models(dataclasses.replace(config, image_size=28))
     assert len(G.attention_gammas()) == 2 and D.attn_sizes == (7,)
+
+
+@pytest.mark.slow
+def test_latest_is_written_by_time_as_well_as_by_steps(tmp_path):
+    seen = []
+    config = tiny(tmp_path, steps=60, checkpoint_every=1000, checkpoint_minutes=0.002, sample_every=1)
+    run_dir = Path(config.out)
+
+    def record(step, grid):  # called each step, before that step's checkpoint
+        latest = run_dir / "checkpoints" / "latest.pt"
+        seen.append(load_checkpoint(latest)["step"] if latest.exists() else 0)
+
+    train.train(config, on_sample=record)
+    middle = sorted(set(seen) - {0})
+    assert len(middle) >= 2 and middle[-1] < 60, "checkpoints between the start and the end, by time alone"
+    assert not list((run_dir / "checkpoints").glob("step_*.pt")), "step copies stay step-based"
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_random_moments_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
+    """SIGKILL at random moments, one of them while latest.pt is being written; each time the run resumes."""
+    flags = ["--dataset", "synthetic", "--image-size", "28", "--synthetic-size", "64", "--conv-dim", "16",
+             "--batch-size", "8", "--steps", "120", "--log-every", "1", "--sample-every", "25", "--checkpoint-every",
+             "1000", "--checkpoint-minutes", "0.01", "--ema-decay", "0.9", "--threads", "1", "--quiet"]
+    straight = _cli(*flags, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+
+    out, rng = tmp_path / "killed", random.Random(0)
+    checkpoints, kills, killed_mid_write = out / "checkpoints", 0, False
+    while kills < 5:
+        resume = ["--resume", str(out), "--steps", "120", "--threads", "1", "--quiet"]
+        process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *(resume if out.exists() else [*flags, "--out", str(out)])],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        deadline = time.time() + (60 if kills == 2 else 4 + 4 * rng.random())
+        while time.time() < deadline and process.poll() is None:
+            if kills == 2 and list(checkpoints.glob(".latest.pt.*.tmp")):
+                break  # mid-write: the temporary file exists and has not been renamed yet
+            time.sleep(0.001)
+        if process.poll() is not None:
+            break  # finished before this kill
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        killed_mid_write |= bool(list(checkpoints.glob(".latest.pt.*.tmp")))
+        kills += 1
+    assert kills >= 3 and killed_mid_write, f"{kills} kills, one mid-write: {killed_mid_write}"
+    finished = _cli("--resume", str(out), "--steps", "120", "--threads", "1", "--quiet")
+    assert finished.returncode == 0, finished.stderr
+
+    expected, got = load_checkpoint(tmp_path / "straight"), load_checkpoint(out)
+    assert got["step"] == expected["step"] == 120
+    for key in ("G", "D", "G_ema"):
+        assert all(torch.equal(tensor, got[key][name]) for name, tensor in expected[key].items()), key
+    for key in ("opt_G", "opt_D"):
+        for index, values in expected[key]["state"].items():
+            assert all(torch.equal(tensor, got[key]["state"][index][name]) for name, tensor in values.items()), key
+    steps = [int(row["step"]) for row in csv.DictReader(open(out / "metrics.csv"))]
+    assert steps == list(range(1, 121)), "each step logged exactly once"
+    assert not list(checkpoints.glob(".*.tmp")), "the killed write's temporary file was cleaned up"
