@@ -8,7 +8,7 @@ speed ratios against the original project's training step (../shared/bench/seedr
     python bench.py --flops --model 64 --threads 2                            # the step's work: GFLOP, and img/s at sgemm's rate
 
 Training throughput is the project's own step, train.build_state + train.train_step with TrainConfig's
-defaults, on the synthetic dataset; sampling is train.sample (G in eval mode, no_grad). Experiments
+defaults, on the synthetic dataset; sampling is G.sample (eval mode, no_grad). Experiments
 (--[no-]channels-last, --compile, --precision, --reuse-fakes, --no-spectral-norm) set the matching
 TrainConfig field; --vs-reference passes --reuse-fakes and --[no-]channels-last on to its runs of ours. Peak
 memory is the peak RSS of the process, so every measurement that reports one runs in a process of its own.
@@ -98,7 +98,7 @@ def training_state(args: argparse.Namespace):
 
 
 def measure_training(args: argparse.Namespace) -> dict:
-    """Images per second of train.train_step and of train.sample, as train.py runs them."""
+    """Images per second of train.train_step and of G.sample, as train.py runs them."""
     import train
 
     state = training_state(args)
@@ -107,8 +107,8 @@ def measure_training(args: argparse.Namespace) -> dict:
     steps = args.steps or DEFAULT_STEPS[args.model]
     step_times = timed(lambda: train.train_step(state), steps)
     z = torch.randn(args.sample_batch, config.z_dim, generator=torch.Generator().manual_seed(0))
-    train.sample(state.G, z)  # warm-up
-    sample_times = timed(lambda: train.sample(state.G, z), args.sample_reps)
+    state.G.sample(z)  # warm-up
+    sample_times = timed(lambda: state.G.sample(z), args.sample_reps)
     result = {
         "model": args.model, "attn": args.attn, "batch_size": batch, "steps": steps, "threads": torch.get_num_threads(),
         "channels_last": state.memory_format == torch.channels_last, "compile": args.compile, "precision": args.precision,
@@ -181,7 +181,7 @@ def measure_flops(args: argparse.Namespace) -> dict:
     train.train_step(state)  # the first step allocates Adam's state
     total, by_op = counted_flops(lambda: train.train_step(state))
     batch = state.config.batch_size
-    sample_total, _ = counted_flops(lambda: train.sample(state.G, state.sample_z(batch)))
+    sample_total, _ = counted_flops(lambda: state.G.sample(state.sample_z(batch)))
     reference = load_reference(Path(args.reference))
     reference_G, reference_z = reference_sampler(reference, args.model, args.attn, batch)
     with torch.no_grad():

@@ -12,16 +12,34 @@ from spectral import maybe_spectral_norm
 INITS = ("default", "normal", "orthogonal")
 
 
-def up_block(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int, spectral_norm: bool) -> list[nn.Module]:
-    """Generator block: (spectral-normed) ConvTranspose2d, BatchNorm, ReLU."""
+def up_block(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int, spectral_norm: bool,
+             num_classes: int = 0) -> list[nn.Module]:
+    """Generator block: (spectral-normed) ConvTranspose2d, BatchNorm (class-conditional when num_classes), ReLU."""
     conv = nn.ConvTranspose2d(in_channels, out_channels, kernel, stride, padding)
-    return [maybe_spectral_norm(conv, spectral_norm), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+    norm = ConditionalBatchNorm2d(out_channels, num_classes) if num_classes else nn.BatchNorm2d(out_channels)
+    return [maybe_spectral_norm(conv, spectral_norm), norm, nn.ReLU(inplace=True)]
 
 
 def down_block(in_channels: int, out_channels: int, spectral_norm: bool) -> list[nn.Module]:
     """Discriminator block: (spectral-normed) 4x4 stride-2 Conv2d halving the size, LeakyReLU(0.1)."""
     conv = nn.Conv2d(in_channels, out_channels, 4, 2, 1)
     return [maybe_spectral_norm(conv, spectral_norm), nn.LeakyReLU(0.1, inplace=True)]
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without affine parameters of its own, then a gain and a bias per class (as in the SAGAN authors'
+    release and BigGAN): the class chooses how each channel is scaled and shifted. Starts as plain BatchNorm."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gain = nn.Embedding(num_classes, channels)
+        self.bias = nn.Embedding(num_classes, channels)
+        nn.init.ones_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
 
 
 @dataclass
@@ -43,8 +61,11 @@ class _GANNetwork(nn.Module):
     default_attn_sizes: tuple[int, ...]
 
     def __init__(self, attn: bool, conv_dim: int, spectral_norm: bool, attn_variant: str,
-                 attn_sizes: tuple[int, ...] | None):
+                 attn_sizes: tuple[int, ...] | None, num_classes: int):
         super().__init__()
+        if num_classes < 0 or num_classes == 1:
+            raise ValueError(f"num_classes must be 0 (unconditional) or at least 2, got {num_classes}")
+        self.num_classes = num_classes
         if attn_variant not in ATTENTION_VARIANTS:
             raise ValueError(f"attn_variant must be one of {ATTENTION_VARIANTS}, got {attn_variant!r}")
         if conv_dim < 8 or conv_dim % 8:
@@ -58,6 +79,7 @@ class _GANNetwork(nn.Module):
         for stage in self.stages():  # built one at a time, so weights draw from the seed in forward order
             layers += stage.layers
             sizes.append(stage.size)
+            self.feature_channels = stage.channels
             if self.attn and stage.size in self.attn_sizes:
                 layers.append(self.attention(stage.channels))
         unknown = sorted(set(self.attn_sizes) - set(sizes))
@@ -79,6 +101,22 @@ class _GANNetwork(nn.Module):
         """Every attention layer's gamma, in forward order, for logging."""
         return attention_gammas(self)
 
+    def check_labels(self, y: torch.Tensor | None, batch: int) -> None:
+        """Labels are required by a conditional model, refused by an unconditional one, and must be in range."""
+        name = type(self).__name__
+        if not self.num_classes:
+            if y is not None:
+                raise ValueError(f"this {name} is unconditional (num_classes=0): call it without labels")
+            return
+        if y is None:
+            raise ValueError(f"this {name} is class-conditional: pass labels y, a LongTensor of shape ({batch},) "
+                             f"with values in 0..{self.num_classes - 1}")
+        if y.dtype != torch.long or tuple(y.shape) != (batch,):
+            raise ValueError(f"{name} expects labels y as a LongTensor of shape ({batch},), got {y.dtype} {tuple(y.shape)}")
+        if not torch.compiler.is_compiling() and len(y) and not 0 <= int(y.min()) <= int(y.max()) < self.num_classes:
+            raise ValueError(f"{name} has {self.num_classes} classes: labels must lie in 0..{self.num_classes - 1}, "
+                             f"got {int(y.min())}..{int(y.max())}")
+
 
 class GeneratorBase(_GANNetwork):
     """z of shape (B, z_dim) or (B, z_dim, 1, 1) -> images (B, C, H, W) in [-1, 1]."""
@@ -86,17 +124,43 @@ class GeneratorBase(_GANNetwork):
     image_shape: tuple[int, int, int]
 
     def __init__(self, attn: bool = True, z_dim: int = 100, conv_dim: int = 64, spectral_norm: bool = True,
-                 attn_variant: str = "original", attn_sizes: tuple[int, ...] | None = None):
-        super().__init__(attn, conv_dim, spectral_norm, attn_variant, attn_sizes)
+                 attn_variant: str = "original", attn_sizes: tuple[int, ...] | None = None, num_classes: int = 0):
+        super().__init__(attn, conv_dim, spectral_norm, attn_variant, attn_sizes, num_classes)
         if z_dim < 1:
             raise ValueError(f"z_dim must be positive, got {z_dim}")
         self.z_dim = z_dim
         self.net = nn.Sequential(*self.assemble(), nn.Tanh())
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, z_dim) and, for a conditional G, class labels y (B,) -> images."""
         if z.dim() not in (2, 4) or z.shape[1] != self.z_dim or z.shape[2:] not in ((), (1, 1)):
             raise ValueError(f"Generator expects z of shape (B, {self.z_dim}) or (B, {self.z_dim}, 1, 1), got {tuple(z.shape)}")
-        return self.net(z.view(z.shape[0], self.z_dim, 1, 1))
+        self.check_labels(y, z.shape[0])
+        x = z.view(z.shape[0], self.z_dim, 1, 1)
+        if not self.num_classes:
+            return self.net(x)
+        for layer in self.net:
+            x = layer(x, y) if isinstance(layer, ConditionalBatchNorm2d) else layer(x)
+        return x
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
+        """Images for z (and labels y) in eval mode, in fp32 on z's device, computed in batches on G's device:
+        BatchNorm uses its running statistics and spectral norm its stored vectors, so sampling changes nothing.
+        G's mode is restored afterwards."""
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            batches = [self(z_part.to(device), None if y is None else y_part.to(device)).float().to(z.device)
+                       for z_part, y_part in zip(z.split(batch_size), (z if y is None else y).split(batch_size))]
+        finally:
+            self.train(was_training)
+        return torch.cat(batches)
+
+    def balanced_labels(self, n: int) -> torch.Tensor | None:
+        """0, 1, ..., K-1, 0, 1, ... for n samples of a conditional G (equal shares of every class); None otherwise."""
+        return torch.arange(n) % self.num_classes if self.num_classes else None
 
 
 class DiscriminatorBase(_GANNetwork):
@@ -105,14 +169,25 @@ class DiscriminatorBase(_GANNetwork):
     image_shape: tuple[int, int, int]
 
     def __init__(self, attn: bool = True, conv_dim: int = 64, spectral_norm: bool = True, attn_variant: str = "original",
-                 attn_sizes: tuple[int, ...] | None = None):
-        super().__init__(attn, conv_dim, spectral_norm, attn_variant, attn_sizes)
+                 attn_sizes: tuple[int, ...] | None = None, num_classes: int = 0):
+        super().__init__(attn, conv_dim, spectral_norm, attn_variant, attn_sizes, num_classes)
         self.net = nn.Sequential(*self.assemble())
+        if num_classes:  # the projection discriminator's class embedding (Miyato & Koyama 2018)
+            self.embed = maybe_spectral_norm(nn.Embedding(num_classes, self.feature_channels), spectral_norm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) and, for a conditional D, class labels y (B,) -> logits (B,).
+
+        Conditional: the logit gains the projection <embed(y), sum over positions of the head's input features>.
+        """
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"Discriminator expects images of shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
-        return self.net(x).flatten()
+        self.check_labels(y, x.shape[0])
+        if not self.num_classes:
+            return self.net(x).flatten()
+        features = self.net[:-1](x)
+        projection = (self.embed(y) * features.sum(dim=(2, 3))).sum(dim=1)
+        return self.net[-1](features).flatten() + projection
 
 
 @torch.no_grad()
@@ -123,7 +198,10 @@ def initialise(model: nn.Module, scheme: str) -> None:
         raise ValueError(f"init must be one of {INITS}, got {scheme!r}")
     if scheme == "default":
         return
+    class_norms = {id(m) for norm in model.modules() if isinstance(norm, ConditionalBatchNorm2d) for m in (norm.gain, norm.bias)}
     for module in model.modules():
+        if id(module) in class_norms:
+            continue  # conditional BatchNorm's gains start at 1 and biases at 0, like plain BatchNorm's
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
             weight = module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
             if scheme == "normal":

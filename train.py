@@ -48,6 +48,7 @@ from utils import memory_format_for, pick_device, to_unit_range
 LOSSES = ("hinge", "nonsaturating", "wgan-gp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 IMAGE_SIZES = {"mnist": 28, "mnist-5k": 28}  # every other dataset trains the 64x64 model
+GRID_CLASSES = 16  # a conditional run's sample grid shows the first 16 classes, one row each
 
 
 def _help(text: str, default=None, **kwargs):
@@ -73,6 +74,8 @@ class TrainConfig:
     z_dim: int = _help("noise dimension", 100)
     conv_dim: int = _help("base channel width", 64)
     spectral_norm: bool = _help("spectral norm in G and D (--no-spectral-norm: plain DCGAN layers)", True)
+    conditional: bool = _help("class-conditional G (conditional BatchNorm) and D (projection), trained on the labels", False)
+    num_classes: int = _help("classes of a conditional run (0: as many as the dataset has)", 0)
     init: str = _help("weight initialisation: default (torch's), normal (DCGAN's N(0, 0.02)) or orthogonal", "default")
     # optimisation
     steps: int = _help("generator updates in total", 2000)
@@ -150,6 +153,8 @@ class TrainConfig:
                      "synthetic_size", "r1_every"):
             require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a positive integer")
         require(self.conv_dim >= 8 and self.conv_dim % 8 == 0, "conv_dim", "a positive multiple of 8")
+        require(self.conditional or self.num_classes == 0, "num_classes", "0 without --conditional")
+        require(self.num_classes == 0 or self.num_classes >= 2, "num_classes", "0 (from the data) or at least 2")
         for name in ("eval_every", "threads", "ema_start"):
             require(getattr(self, name) >= 0, name, "0 or a positive integer")
         for name in ("minutes", "checkpoint_minutes", "eval_minutes", "r1_weight"):
@@ -216,21 +221,27 @@ def generator_loss(kind: str, d_fake: torch.Tensor) -> torch.Tensor:
     return -d_fake.mean()  # hinge and WGAN share it
 
 
-def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
+def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, noise: torch.Generator,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
     """WGAN-GP: mean of (||grad_x D(x)|| - 1)^2 at random interpolates of real and fake, computed in fp32."""
     alpha = torch.rand(real.shape[0], 1, 1, 1, generator=noise).to(real.device)
     mixed = torch.lerp(fake.float(), real.float(), alpha).requires_grad_(True)
     # The fused attention kernels have no double backward; the math kernel is the same function.
     with torch.autocast(real.device.type, enabled=False), sdpa_kernel([SDPBackend.MATH]):
-        (grad,) = torch.autograd.grad(D(mixed).sum(), mixed, create_graph=True)
+        (grad,) = torch.autograd.grad(_logits(D, mixed, labels).sum(), mixed, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
 
 
-def r1_penalty(D: nn.Module, real: torch.Tensor) -> torch.Tensor:
+def _logits(D: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """D's logits, passing labels only to a conditional D (any critic module works unconditionally)."""
+    return D(images) if labels is None else D(images, labels)
+
+
+def r1_penalty(D: nn.Module, real: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """R1 (Mescheder et al. 2018): mean of ||grad_x D(x)||^2 at real images, computed in fp32."""
     real = real.detach().float().requires_grad_(True)
     with torch.autocast(real.device.type, enabled=False), sdpa_kernel([SDPBackend.MATH]):
-        (grad,) = torch.autograd.grad(D(real).sum(), real, create_graph=True)
+        (grad,) = torch.autograd.grad(_logits(D, real, labels).sum(), real, create_graph=True)
     return grad.flatten(1).square().sum(dim=1).mean()
 
 
@@ -333,6 +344,12 @@ class TrainState:
     def sample_z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.config.z_dim, generator=self.noise).to(self.device, non_blocking=True)
 
+    def sample_labels(self, n: int) -> torch.Tensor | None:
+        """Uniformly drawn classes for n fakes of a conditional run; None otherwise."""
+        if not self.config.conditional:
+            return None
+        return torch.randint(self.config.num_classes, (n,), generator=self.noise).to(self.device, non_blocking=True)
+
     def training_seconds(self) -> float:
         """Training time by the clock the config's budgets count (wall or CPU)."""
         return self.cpu_time if self.config.clock == "cpu" else self.wall_time
@@ -350,17 +367,21 @@ class TrainState:
             self.ema_stale = False
         return self.G_ema
 
-    def generator_inputs(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor]:
-        """G's inputs for n samples drawn from `generator`."""
-        return (torch.randn(n, self.config.z_dim, generator=generator).to(self.device),)
+    def generator_inputs(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """G's inputs (z, labels) for n samples drawn from `generator`, with equal shares of the classes."""
+        z = torch.randn(n, self.config.z_dim, generator=generator).to(self.device)
+        return z, None if self.G.balanced_labels(n) is None else self.G.balanced_labels(n).to(self.device)
 
     @property
     def memory_format(self) -> torch.memory_format:
         """Of G, D and the real batches."""
         return memory_format_for(self.device, self.config.channels_last)
 
-    def next_real(self) -> torch.Tensor:
-        return next(self.loader).to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+    def next_real(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch of real images and, in a conditional run, their labels."""
+        images, labels = next(self.loader) if self.config.conditional else (next(self.loader), None)
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return images, None if labels is None else labels.to(self.device, non_blocking=True)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -378,7 +399,8 @@ def build_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
     module = model_module(config.image_size)
     G = module.Generator(**generator_kwargs(dataclasses.asdict(config)))
     D = module.Discriminator(attn=config.attn, conv_dim=config.conv_dim, spectral_norm=config.spectral_norm,
-                             attn_variant=config.attn_variant, attn_sizes=config.d_attn_sizes)
+                             attn_variant=config.attn_variant, attn_sizes=config.d_attn_sizes,
+                             num_classes=config.num_classes)
     initialise(G, config.init)
     initialise(D, config.init)
     return G, D
@@ -401,7 +423,8 @@ def build_state(config: TrainConfig, dataset: Dataset, device: torch.device, job
     amp_dtype = resolve_precision(config.precision, device)
     use_scaler = amp_dtype == torch.float16
     loader = data.EndlessLoader(dataset, config.batch_size, seed=config.seed, rank=job.rank, world_size=job.world_size,
-                                num_workers=_num_workers(config, dataset, device), pin_memory=device.type == "cuda")
+                                num_workers=_num_workers(config, dataset, device), pin_memory=device.type == "cuda",
+                                labels=config.conditional)
     state = TrainState(
         config=config, device=device, G=G, D=D, G_ema=G_ema,
         opt_G=torch.optim.Adam(G.parameters(), config.g_lr, betas=betas),
@@ -435,22 +458,27 @@ def _num_workers(config: TrainConfig, dataset: Dataset, device: torch.device) ->
 
 # ---------------------------------------------------------------------------------------------- one step
 
-def discriminator_step(state: TrainState, fake: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+Fakes = tuple[torch.Tensor, torch.Tensor | None]  # generated images and, in a conditional run, their labels
+
+
+def discriminator_step(state: TrainState, fakes: Fakes | None = None) -> dict[str, torch.Tensor]:
     """One D update on a real batch and a batch of detached fakes (drawn here unless given)."""
     config, D = state.config, state.D
-    real = state.next_real()
-    if fake is None:
-        with torch.no_grad(), state.autocast():
-            fake = state.G_local(state.sample_z(real.shape[0]))  # no graph through G: D's loss never reaches it
-    fake = fake.detach()
+    real, real_labels = state.next_real()
+    if fakes is None:
+        with torch.no_grad(), state.autocast():  # no graph through G: D's loss never reaches it
+            fake_labels = state.sample_labels(real.shape[0])
+            fakes = state.G_local(state.sample_z(real.shape[0]), fake_labels), fake_labels
+    fake, fake_labels = fakes[0].detach(), fakes[1]
+    labels = None if real_labels is None else torch.cat([real_labels, fake_labels])
     with state.autocast():
         # D has no batch statistics, so one pass over real and fake equals two (and runs one power iteration).
-        d_real, d_fake = state.D_synced(state.augment(torch.cat([real, fake]))).float().chunk(2)
+        d_real, d_fake = state.D_synced(state.augment(torch.cat([real, fake])), labels).float().chunk(2)
         loss = discriminator_loss(config.loss, d_real, d_fake)
     if config.loss == "wgan-gp":
-        loss = loss + config.gp_weight * gradient_penalty(D, real, fake, state.noise)
+        loss = loss + config.gp_weight * gradient_penalty(D, real, fake, state.noise, real_labels)
     if config.r1_weight and state.step % config.r1_every == 0:
-        loss = loss + config.r1_weight / 2 * config.r1_every * r1_penalty(D, state.augment(real))
+        loss = loss + config.r1_weight / 2 * config.r1_every * r1_penalty(D, state.augment(real), real_labels)
     state.opt_D.zero_grad(set_to_none=True)
     state.scaler_D.scale(loss).backward()
     state.scaler_D.step(state.opt_D)
@@ -458,22 +486,22 @@ def discriminator_step(state: TrainState, fake: torch.Tensor | None = None) -> d
     return {"d_loss": loss.detach(), "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
 
 
-def fakes_for_G(state: TrainState) -> torch.Tensor:
+def fakes_for_G(state: TrainState) -> Fakes:
     """A batch from fresh noise with G's graph kept, for G's update (through DDP's G when synced)."""
     with state.autocast():
-        return state.G_synced(state.sample_z(state.config.batch_size))
+        labels = state.sample_labels(state.config.batch_size)
+        return state.G_synced(state.sample_z(state.config.batch_size), labels), labels
 
 
-def generator_step(state: TrainState, fake: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def generator_step(state: TrainState, fakes: Fakes | None = None) -> dict[str, torch.Tensor]:
     """One G update through a frozen D: D's weights, grads and power-iteration vectors are left untouched.
-    `fake`, if given, comes from fakes_for_G; otherwise G makes a batch from fresh noise here."""
-    if fake is None:
-        fake = fakes_for_G(state)
+    `fakes`, if given, come from fakes_for_G; otherwise G makes a batch from fresh noise here."""
+    fake, labels = fakes if fakes is not None else fakes_for_G(state)
     D = state.D
     D.eval().requires_grad_(False)  # eval: spectral norm reuses its vectors; no grads: no wasted weight gradients
     try:
         with state.autocast():
-            loss = generator_loss(state.config.loss, state.D_local(state.augment(fake)).float())
+            loss = generator_loss(state.config.loss, state.D_local(state.augment(fake), labels).float())
         state.opt_G.zero_grad(set_to_none=True)
         state.scaler_G.scale(loss).backward()
         state.scaler_G.step(state.opt_G)
@@ -495,9 +523,9 @@ def train_step(state: TrainState) -> dict[str, torch.Tensor]:
     Without it, the G update draws fresh noise and runs G again, as the original project does."""
     for _ in range(state.config.d_steps - 1):
         discriminator_step(state)
-    fake = fakes_for_G(state) if state.config.reuse_fakes else None
-    metrics = discriminator_step(state, fake)
-    metrics |= generator_step(state, fake)
+    fakes = fakes_for_G(state) if state.config.reuse_fakes else None
+    metrics = discriminator_step(state, fakes)
+    metrics |= generator_step(state, fakes)
     state.step += 1
     return metrics
 
@@ -635,17 +663,6 @@ def _tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir))
 
 
-@torch.no_grad()
-def sample(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Images for noise z with G in eval mode (BatchNorm's running statistics stay put), then back to train mode."""
-    was_training = G.training
-    G.eval()
-    try:
-        return G(z).float()
-    finally:
-        G.train(was_training)
-
-
 def default_run_dir(config: TrainConfig) -> Path:
     arm = "attn" if config.attn else "noattn"
     return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.dataset}-{arm}"
@@ -689,10 +706,12 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     job, device = setup_distributed(config.device)
     if dataset is None:
         dataset, config.dataset = load_training_data(config)
+    if config.conditional:
+        config.num_classes = classes_of(dataset, config)
     run_dir = _shared_run_dir(config, job)
     config.out = str(run_dir)
     state = build_state(config, dataset, device, job)
-    fixed_z = _open_run(state, run_dir, resume)
+    fixed_inputs = _open_run(state, run_dir, resume)
 
     gamma_columns = [f"gamma_G{i}" for i in range(len(state.G.attention_gammas()))] + \
                     [f"gamma_D{i}" for i in range(len(state.D.attention_gammas()))]
@@ -741,7 +760,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
                 stopping = any_process(stop_requested.is_set(), job, device)
                 if job.is_main:
                     if step % config.sample_every == 0 or last:
-                        grid = log.grid(sample(state.sampler(), fixed_z), step)
+                        grid = log.grid(state.sampler().sample(*fixed_inputs), step)
                         if on_sample:
                             on_sample(step, grid)
                     if last or stopping or due(step, config.checkpoint_every, before, state.training_seconds(),
@@ -800,6 +819,17 @@ def evaluate_generators(state: TrainState, evaluator) -> dict[str, float]:
     return row
 
 
+def classes_of(dataset: Dataset, config: TrainConfig) -> int:
+    """The number of classes a conditional run trains on: the dataset's, which config.num_classes must match."""
+    classes = len(getattr(dataset, "classes", []))
+    if classes < 2:
+        raise ConfigError(f"conditional training needs labelled data, and {config.dataset} has no classes: use mnist, "
+                          f"mnist-5k or a folder with one subfolder per class")
+    if config.num_classes not in (0, classes):
+        raise ConfigError(f"num_classes is {config.num_classes}, but {config.dataset} has {classes} classes")
+    return classes
+
+
 def load_training_data(config: TrainConfig) -> tuple[Dataset, str]:
     """The whole training set of config.dataset (MNIST falls back to mnist-5k offline), and its name."""
     size = config.synthetic_size if config.dataset == "synthetic" else None
@@ -817,8 +847,10 @@ def _shared_run_dir(config: TrainConfig, job: Distributed) -> Path:
     return Path(chosen[0])
 
 
-def _open_run(state: TrainState, run_dir: Path, resume: bool) -> torch.Tensor | None:
-    """Restore a resumed run (every process) and write config.json and fixed_z.pt (rank 0); returns the fixed noise."""
+def _open_run(state: TrainState, run_dir: Path, resume: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Restore a resumed run (every process) and write config.json and fixed_z.pt (rank 0); returns the inputs
+    of the sample grids (rank 0): the 64 fixed noise vectors, or in a conditional run the first 8 of them
+    repeated for each class (up to GRID_CLASSES), one row per class."""
     config, is_main = state.config, state.job.is_main
     if is_main:
         for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*.tmp"), *run_dir.glob("samples/.*.tmp.png")]:
@@ -837,7 +869,10 @@ def _open_run(state: TrainState, run_dir: Path, resume: bool) -> torch.Tensor | 
     fixed_z = torch.randn(64, config.z_dim, generator=torch.Generator().manual_seed(config.seed))
     atomic_save(fixed_z, run_dir / "fixed_z.pt")
     atomic_write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", run_dir / "config.json")
-    return fixed_z.to(state.device)
+    if not config.conditional:
+        return fixed_z, None
+    rows = min(config.num_classes, GRID_CLASSES)
+    return fixed_z[:8].repeat(rows, 1), torch.arange(rows).repeat_interleave(8)
 
 
 def _evaluator(config: TrainConfig, device: torch.device):
@@ -846,7 +881,8 @@ def _evaluator(config: TrainConfig, device: torch.device):
         return None
     import evaluate
 
-    return evaluate.TrainingEvaluator(config.dataset, device=device, data_root=config.data_root, seed=config.seed)
+    return evaluate.TrainingEvaluator(config.dataset, device=device, data_root=config.data_root, seed=config.seed,
+                                      conditional=config.conditional)
 
 
 def _progress_bar(config: TrainConfig, start: int, disable: bool):

@@ -297,3 +297,30 @@ def test_file_dataset_loader_matches_direct_indexing_and_resumes_with_workers(tm
 def test_loader_moves_batches_to_the_device():
     dataset = load_dataset("synthetic", image_size=8, channels=3, size=8)
     assert next(EndlessLoader(dataset, batch_size=4, device="meta")).device.type == "meta"
+
+
+def test_a_folder_of_class_subfolders_is_labelled_as_imagefolder_labels_it(tmp_path):
+    folder = tmp_path / "images"
+    for name, shade in (("cats", 0), ("dogs", 255)):
+        (folder / name / "more").mkdir(parents=True)
+        for index in range(3):
+            Image.new("L", (8, 8), shade).save(folder / name / ("more" if index == 2 else ".") / f"{index}.png")
+    dataset = load_dataset("folder", folder, image_size=8, channels=1)
+    assert dataset.classes == ["cats", "dogs"]
+    assert sorted(dataset[i][1] for i in range(len(dataset))) == [0, 0, 0, 1, 1, 1]
+    assert all((dataset[i][0].mean() > 0) == (dataset[i][1] == 1) for i in range(len(dataset))), "labels follow files"
+    images, labels = next(EndlessLoader(dataset, batch_size=6, labels=True))
+    assert torch.equal((images.mean(dim=(1, 2, 3)) > 0).long(), labels)
+    Image.new("L", (8, 8)).save(folder / "loose.png")  # an image beside the class folders: no labels at all
+    assert load_dataset("folder", folder, image_size=8, channels=1).classes == []
+
+
+def test_mnist_batches_carry_their_labels():
+    dataset = load_dataset("mnist-5k", image_size=28, channels=1)
+    assert dataset.classes == [str(digit) for digit in range(10)]
+    loader = EndlessLoader(dataset, batch_size=16, seed=3, labels=True)
+    images, labels = next(loader)
+    expected = EndlessLoader(dataset, batch_size=16, seed=3)
+    assert torch.equal(images, next(expected)) and labels.dtype == torch.long
+    indices = [int((dataset.images == image).flatten(1).all(1).nonzero()[0]) for image in images]
+    assert torch.equal(labels, dataset.labels[indices])

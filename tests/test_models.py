@@ -199,3 +199,57 @@ def test_torch_compile_smoke():
         expected = D(G(z))
         compiled = torch.compile(D)(torch.compile(G)(z))
     torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_num_classes_zero_is_todays_model_bit_for_bit():
+    for module in MODELS:
+        for net in ("Generator", "Discriminator"):
+            torch.manual_seed(0)
+            plain = getattr(module, net)()
+            torch.manual_seed(0)
+            zero = getattr(module, net)(num_classes=0)
+            assert list(plain.state_dict()) == list(zero.state_dict())
+            assert all(torch.equal(v, zero.state_dict()[k]) for k, v in plain.state_dict().items())
+    G = model_28.Generator()
+    assert [name for name in G.state_dict() if name.startswith("net.1.")] == [
+        "net.1.weight", "net.1.bias", "net.1.running_mean", "net.1.running_var", "net.1.num_batches_tracked"]
+
+
+@pytest.mark.parametrize("module", MODELS, ids=lambda m: m.__name__)
+def test_the_projection_term_is_the_inner_product_of_the_class_embedding_and_pooled_features(module):
+    D = module.Discriminator(num_classes=10).eval()
+    x = torch.randn(3, *module.IMAGE_SHAPE)
+    y = torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        logits = D(x, y)
+        features = D.net[:-1](x)
+        unconditional = D.net[-1](features).flatten()
+        by_hand = torch.stack([D.embed.weight[label] @ features[i].sum(dim=(1, 2)) for i, label in enumerate(y)])
+        assert torch.allclose(logits, unconditional + by_hand, atol=1e-4)
+        assert not torch.allclose(D(x, torch.tensor([1, 4, 9])), logits), "another label, another logit"
+
+
+def test_conditional_batchnorm_uses_the_row_of_the_requested_class():
+    G = model_28.Generator(num_classes=10, conv_dim=16).eval()
+    norm = G.net[1]
+    with torch.no_grad():
+        norm.gain.weight[3].fill_(2.0)
+        norm.bias.weight[3].fill_(0.5)
+        x = torch.randn(2, 128, 3, 3)
+        out = norm(x, torch.tensor([3, 0]))
+        normalised = norm.norm(x)
+    assert torch.allclose(out[0], 2.0 * normalised[0] + 0.5) and torch.allclose(out[1], normalised[1])
+
+
+def test_labels_are_required_checked_and_refused_where_they_do_not_belong():
+    G, D = model_28.Generator(num_classes=10, conv_dim=16), model_28.Discriminator(num_classes=10, conv_dim=16)
+    z = torch.randn(2, 100)
+    with pytest.raises(ValueError, match="class-conditional: pass labels y"):
+        G(z)
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.9, got 3\.\.10"):
+        G(z, torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match="LongTensor of shape"):
+        D(torch.randn(2, 1, 28, 28), torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="unconditional"):
+        model_28.Generator(conv_dim=16)(z, torch.tensor([0, 1]))
+    assert G(z, torch.tensor([0, 9])).shape == (2, 1, 28, 28)

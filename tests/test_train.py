@@ -94,7 +94,7 @@ def test_channels_last_is_the_cpu_default_and_trains_as_contiguous_does(tmp_path
     assert by_default.memory_format == torch.channels_last and contiguous.memory_format == torch.contiguous_format
     conv_weights = [w for w in by_default.D.state_dict().values() if w.dim() == 4 and w.shape[1] > 1 and w.shape[2] > 1]
     assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in conv_weights)
-    assert by_default.next_real().is_contiguous(memory_format=torch.channels_last)
+    assert by_default.next_real()[0].is_contiguous(memory_format=torch.channels_last)
     contiguous.next_real()  # the same data order for both
     for _ in range(2):
         metrics = {name: train.train_step(state) for name, state in (("nhwc", by_default), ("nchw", contiguous))}
@@ -108,7 +108,7 @@ def test_reuse_fakes_trains_G_on_the_D_updates_fakes_through_the_updated_D(tmp_p
     state, by_hand = _state(tmp_path, reuse_fakes=True), _state(tmp_path, reuse_fakes=True)
     train.train_step(state)
     fake = by_hand.G(by_hand.sample_z(TINY["batch_size"]))  # the only noise drawn in the step
-    d_real, d_fake = by_hand.D(torch.cat([by_hand.next_real(), fake.detach()])).chunk(2)
+    d_real, d_fake = by_hand.D(torch.cat([by_hand.next_real()[0], fake.detach()])).chunk(2)
     by_hand.opt_D.zero_grad()
     train.discriminator_loss("hinge", d_real, d_fake).backward()
     by_hand.opt_D.step()
@@ -491,3 +491,40 @@ def test_a_run_killed_at_random_moments_ends_bitwise_equal_to_an_uninterrupted_o
     steps = [int(row["step"]) for row in csv.DictReader(open(out / "metrics.csv"))]
     assert steps == list(range(1, 121)), "each step logged exactly once"
     assert not list(checkpoints.glob(".*.tmp")), "the killed write's temporary file was cleaned up"
+
+
+@pytest.mark.slow
+def test_a_conditional_run_resumes_bitwise_and_lays_its_grid_out_one_row_per_class(tmp_path):
+    conditional = dict(dataset="mnist-5k", conditional=True, ema_decay=0.9, reuse_fakes=True, augment="translation",
+                       r1_weight=1.0, r1_every=2)
+    straight = load_checkpoint(train.train(tiny(tmp_path, "straight", **conditional)))
+    train.train(tiny(tmp_path, "resumed", **{**conditional, "steps": 3}))
+    resumed = load_checkpoint(train.train(tiny(tmp_path, "resumed", **conditional), resume=True))
+    for key in ("G", "D", "G_ema"):
+        assert all(torch.equal(t, resumed[key][name]) for name, t in straight[key].items()), key
+    assert resumed["config"]["num_classes"] == 10
+    from PIL import Image
+    assert Image.open(tmp_path / "resumed" / "samples" / "step_000006.png").size == (8 * 30 + 2, 10 * 30 + 2)
+    G, info = load_generator(tmp_path / "resumed")
+    assert G.num_classes == 10 and info["model_kwargs"]["num_classes"] == 10
+    assert G.sample(torch.randn(4, 100), torch.tensor([0, 3, 5, 9])).shape == (4, 1, 28, 28)
+
+
+def test_the_conditional_step_feeds_D_the_real_labels_and_G_the_drawn_ones(tmp_path):
+    state = train.build_state(tiny(tmp_path, dataset="mnist-5k", conditional=True, num_classes=10),
+                              train.data.load_dataset("mnist-5k", image_size=28, channels=1), torch.device("cpu"))
+    seen = []
+    state.D.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    expected_real = train.data.EndlessLoader(state.loader.dataset, 8, seed=0, labels=True)
+    train.train_step(state)
+    d_labels, g_labels = seen
+    assert torch.equal(d_labels[:8], next(expected_real)[1]), "D sees the real batch's own labels"
+    assert len(g_labels) == 8 and 0 <= min(d_labels.min(), g_labels.min()) and max(d_labels.max(), g_labels.max()) < 10
+    assert not torch.equal(d_labels[8:], g_labels), "fresh labels for G's fresh fakes"
+
+
+def test_conditional_training_needs_labelled_data(tmp_path):
+    with pytest.raises(ConfigError, match="synthetic has no classes"):
+        train.train(tiny(tmp_path, conditional=True))
+    with pytest.raises(ConfigError, match="num_classes must be 0 without --conditional"):
+        TrainConfig(num_classes=10)
