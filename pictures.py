@@ -365,6 +365,37 @@ def attention_picker(G: nn.Module, *, z: torch.Tensor | None = None, seed: int =
     return widgets.VBox([widgets.HBox([row, col]), figure])
 
 
+# ---------------------------------------------------------------------------------------------- conditional generators
+
+
+def class_grid(G: nn.Module, classes: Sequence[int] | None = None, per_class: int = 8, *, seed: int = 0) -> Image.Image:
+    """A conditional G's samples, one row per class (default: all of them) and the same noise down each column,
+    so a column shows one 'style' drawn as every class."""
+    if not G.num_classes:
+        raise ValueError("this generator is unconditional: it cannot be asked for a class (train with --conditional)")
+    classes = list(range(G.num_classes) if classes is None else classes)
+    z = torch.randn(per_class, G.z_dim, generator=torch.Generator().manual_seed(seed)).repeat(len(classes), 1)
+    images = G.sample(z, torch.tensor(classes).repeat_interleave(per_class))
+    return to_pil_image(make_grid(to_unit_range(images), nrow=per_class, padding=2))
+
+
+def class_picker(G: nn.Module, names: Sequence[str] | None = None, per_class: int = 16):
+    """Buttons choosing a class and a 'new samples' button, drawing that class; where ipywidgets is missing, a
+    static grid of every class."""
+    try:
+        import ipywidgets as widgets
+    except ImportError:
+        return class_grid(G, per_class=8)
+    names = list(names or map(str, range(G.num_classes)))
+    choice = widgets.ToggleButtons(options=[(name, index) for index, name in enumerate(names)], description="draw")
+    seed = widgets.IntText(value=0, layout={"display": "none"})
+    again = widgets.Button(description="new samples")
+    again.on_click(lambda _: setattr(seed, "value", seed.value + 1))
+    picture = widgets.interactive_output(lambda label, seed: show(class_grid(G, [label], per_class, seed=seed)),
+                                         {"label": choice, "seed": seed})
+    return widgets.VBox([choice, again, picture])
+
+
 # ---------------------------------------------------------------------------------------------- notebook display
 
 

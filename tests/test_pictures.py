@@ -236,3 +236,25 @@ def test_attention_picker_offers_every_pixel():
     widget = pictures.attention_picker(model_28.Generator(conv_dim=16).eval())
     row, col = widget.children[0].children
     assert (row.max, col.max) == (27, 27)
+
+
+def test_class_grid_draws_one_row_per_class_with_the_same_noise_down_each_column():
+    torch.manual_seed(0)
+    G = model_28.Generator(num_classes=10, conv_dim=16)
+    with torch.no_grad():  # make each class distinct: its own bias on the first conditional BatchNorm
+        G.net[1].bias.weight.copy_(torch.arange(10.0)[:, None].expand(10, G.net[1].bias.weight.shape[1]))
+    grid = pictures.class_grid(G, per_class=4)
+    assert grid.size == (4 * 30 + 2, 10 * 30 + 2)
+    rows = pictures.class_grid(G, [3, 7], per_class=4)
+    assert rows.size == (4 * 30 + 2, 2 * 30 + 2)
+    pixels = np.asarray(grid.convert("L"))
+    assert np.array_equal(np.asarray(rows.convert("L"))[:32], pixels[3 * 30:3 * 30 + 32]), "row 3 is class 3"
+    assert not np.array_equal(pixels[:32], pixels[30:62]), "classes differ"
+    with pytest.raises(ValueError, match="unconditional"):
+        pictures.class_grid(model_28.Generator(conv_dim=16))
+
+
+def test_class_picker_offers_every_class():
+    widget = pictures.class_picker(model_28.Generator(num_classes=10, conv_dim=16))
+    choice = widget.children[0]
+    assert [value for _, value in choice.options] == list(range(10))
