@@ -40,8 +40,8 @@ from torchvision.utils import save_image
 import data
 from augment import diff_augment, parse_policy
 from blocks import INITS, initialise
-from checkpoint import (LATEST, CheckpointError, atomic_save, atomic_write_text, checkpoint_files, generator_kwargs, load_checkpoint,
-                        model_module, read_config)
+from checkpoint import (LATEST, CheckpointError, atomic_save, atomic_write_text, checkpoint_files, generator_kwargs,
+                        load_checkpoint, model_module, read_config)
 from ema import standing_statistics, update_ema
 from utils import memory_format_for, pick_device, to_unit_range
 
@@ -907,12 +907,13 @@ def compare(config: TrainConfig, **kwargs) -> dict[str, Path]:
     checkpoint is resumed, so calling compare again continues both. kwargs go to train().
     """
     root = Path(config.out) if config.out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.dataset}-compare"
-    runs = {}
-    for name, attn in (("without_attention", False), ("with_attention", True)):
-        run_dir = root / name
-        arm = dataclasses.replace(config, attn=attn, out=str(run_dir))
-        runs[name] = train(arm, resume=(run_dir / "checkpoints" / LATEST).exists(), **kwargs)
-    return runs
+    return {name: train_or_resume(dataclasses.replace(config, attn=attn, out=str(root / name)), **kwargs)
+            for name, attn in (("without_attention", False), ("with_attention", True))}
+
+
+def train_or_resume(config: TrainConfig, **kwargs) -> Path:
+    """train(config), resuming config.out when it already holds a checkpoint, so calling it again continues the run."""
+    return train(config, resume=config.out is not None and bool(checkpoint_files(config.out)), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -100,8 +100,15 @@ def test_mnist_notebook_runs_top_to_bottom(data_root, tmp_path):
     notebook = execute(with_parameters("SAGAN_mnist.ipynb", **TINY, eval_n=64, data_root=str(data_root),
                                        out_dir=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
     check_outputs(notebook, tmp_path, "mnist", grid_size=2 + 8 * 30)
-    table = "".join(output.text for output in code_cell(notebook, "evaluate_checkpoint(").outputs if output.get("name") == "stdout")
+    table = "".join(output.text for output in code_cell(notebook, "format_table(").outputs if output.get("name") == "stdout")
     assert table.count("classifier fid") == 2 and table.count("n_images: 64") == 2, "a quality table for each model"
+    # the class-conditional SAGAN: its grid of rows 0-9, the picker, and the requested-digit score
+    assert_image(tmp_path / "runs" / "conditional" / "samples" / "step_000004.png", (2 + 8 * 30, 2 + 10 * 30))
+    assert_image(tmp_path / "demo" / "conditional_mnist.png", (2 + 8 * 30, 2 + 10 * 30))
+    assert shown(notebook, "class_grid(", "image/png")
+    assert shown(notebook, "class_picker(", "application/vnd.jupyter.widget-view+json")
+    printed = "".join(output.text for output in code_cell(notebook, "class_picker(").outputs if output.get("name") == "stdout")
+    assert "requested digit read back" in printed and "per digit: 0:" in printed
 
 
 @pytest.mark.slow
