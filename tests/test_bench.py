@@ -35,8 +35,9 @@ def test_experiment_flags_reach_the_training_config():
     result = json.loads(_run("--model", "28", "--steps", "1", "--warmup", "0", "--batch-size", "4", "--threads", "1",
                              "--sample-batch", "4", "--sample-reps", "1", "--no-channels-last", "--reuse-fakes", "--json"))
     assert (result["channels_last"], result["reuse_fakes"]) == (False, True)
-    args = bench.parse_args(["--vs-reference", "--reuse-fakes", "--no-channels-last"])
-    assert bench.experiment_flags(args) == ["--reuse-fakes", "--no-channels-last"]
+    config = bench.training_state(bench.parse_args(["--vs-reference", "--model", "28", "--batch-size", "4",
+                                                    "--reuse-fakes", "--no-channels-last"])).config
+    assert (config.channels_last, config.reuse_fakes) == (False, True)
 
 
 @pytest.mark.slow

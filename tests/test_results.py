@@ -1,5 +1,4 @@
-"""results.py end to end on real MNIST (two steps per arm): every published file, and weights that reproduce the table."""
-import csv
+"""results.py end to end on real MNIST (a few seconds per run): every published file, and weights that reproduce the table."""
 import json
 import subprocess
 import sys
@@ -22,34 +21,33 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_path, data_root):
     n = 500
-    made = _run("results.py", "mnist", "--steps", "2", "--checkpoint-every", "1", "--n", str(n), "--curve-n", "200",
-                "--runs", "runs", "--data-root", str(data_root), "--threads", "2", cwd=tmp_path)
+    made = _run("results.py", "mnist", "--minutes", "0.1", "--milestones", "0.05", "0.1", "--seeds", "0",
+                "--eval-minutes", "0.05", "--n", str(n), "--curve-n", "200", "--runs", "runs",
+                "--data-root", str(data_root), "--threads", "2", cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-3000:]
 
     demo, weights = tmp_path / "demo", tmp_path / "weights"
-    for name in ("comparison_mnist.gif", "curves_mnist.png", "fid_mnist.png", "final_mnist.png",
-                 "attention_mnist.png", "results_mnist.md", "results_mnist.json"):
+    for name in ("comparison_mnist.gif", "curves_mnist.png", "fid_mnist.png", "final_mnist.png", "attention_mnist.png",
+                 "conditional_mnist.png", "results_mnist.md", "results_mnist.json"):
         assert (demo / name).stat().st_size > 0, name
-    assert Image.open(demo / "comparison_mnist.gif").n_frames == 1  # sample_every (100) > steps: the final grid only
-
-    for arm in ("with_attention", "without_attention"):
-        curve = list(csv.DictReader(open(tmp_path / "runs" / "mnist" / arm / "fid_curve.csv")))
-        assert [int(row["step"]) for row in curve] == [1, 2]
+    assert Image.open(demo / "conditional_mnist.png").size == (2 + 8 * 30, 2 + 10 * 30)
 
     table = (demo / "results_mnist.md").read_text()
-    assert "| SAGAN (attention) | 2 |" in table and "| DCGAN baseline (no attention) | 2 |" in table
-    assert "real vs real (floor)" in table and "Regenerate: `python results.py mnist --steps 2" in table
+    for row in ("| SAGAN (attention) | 1 |", "| DCGAN baseline (no attention) | 1 |", "| SAGAN, class-conditional | 1 |",
+                "| real vs real (floor) |", "Regenerate: `python results.py mnist --minutes 0.1"):
+        assert row in table, row
 
-    scores = json.loads((demo / "results_mnist.json").read_text())["arms"]
-    for arm, prefix, attn in (("with_attention", "sagan", True), ("without_attention", "dcgan", False)):
-        published = torch.load(weights / f"{prefix}_mnist.pt")
+    groups = json.loads((demo / "results_mnist.json").read_text())["study"]["groups"]
+    for group, name, attn in (("default/sagan", "sagan_mnist.pt", True), ("default/baseline", "dcgan_mnist.pt", False),
+                              ("conditional/sagan", "sagan_mnist_conditional.pt", True)):
+        published = torch.load(weights / name, weights_only=True)
         assert published["model_kwargs"]["attn"] is attn and published["model_file"] == "model_28.py"
         assert all(t.dtype == torch.float16 for t in published["G"].values() if t.is_floating_point())
-        G, _ = load_generator(weights / f"{prefix}_mnist.pt")
-        assert G(torch.randn(2, G.z_dim)).shape == (2, 1, 28, 28)
-
-        scored = _run("evaluate.py", str(weights / f"{prefix}_mnist.pt"), "--n", str(n), "--json",
-                      "--data-root", str(data_root), cwd=tmp_path)
+        G, info = load_generator(weights / name)
+        assert info["ema"] is True and (G.num_classes == 10) == (group == "conditional/sagan")
+        scored = _run("evaluate.py", str(weights / name), "--n", str(n), "--json", "--data-root", str(data_root),
+                      cwd=tmp_path)
         assert scored.returncode == 0, scored.stderr[-3000:]
         # the fp16 file and the fp32 checkpoint behind the table differ only by rounding
-        assert json.loads(scored.stdout)["classifier"]["fid"] == pytest.approx(scores[arm]["classifier"]["fid"], rel=0.02)
+        expected = groups[group]["milestones"]["0.1"]["ema_fid"]["median"]
+        assert json.loads(scored.stdout)["classifier"]["fid"] == pytest.approx(expected, rel=0.02)
