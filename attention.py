@@ -1,4 +1,4 @@
-"""The self-attention block of SAGAN (Zhang et al. 2018), with a fused path and an explicit one.
+"""The self-attention block of SAGAN (Zhang et al. 2018, https://arxiv.org/abs/1805.08318), fused and explicit.
 
 Each pixel's feature vector (a column of the (B, C, H, W) map, N = H*W pixels) queries every
 pixel's key; the softmax over keys weights the values, and the result is added back to the input
@@ -34,7 +34,8 @@ def _matrix(conv: nn.Conv2d) -> torch.Tensor:
 class SelfAttention(nn.Module):
     """SAGAN self-attention over the H*W pixels of a (B, C, H, W) feature map.
 
-    variant='original' (the original project): query/key C/2, value C, full-resolution keys.
+    variant='original' (the original project, https://github.com/franknb/Self-attention-DCGAN): query/key C/2,
+    value C, full-resolution keys.
     variant='paper' (the SAGAN authors' release, BigGAN): query/key C/8, value C/2, keys and values
     2x2 max-pooled, and a 1x1 output conv back to C channels.
     """

@@ -1,5 +1,6 @@
 """Benchmarks: training and sampling throughput, the attention block's time and memory, the work (FLOPs) of a
-step, and speed ratios against the original project's training step (../shared/bench/seedref.py).
+step, and speed ratios against the training step of the original project
+(https://github.com/franknb/Self-attention-DCGAN), restated in ../shared/bench/seedref.py.
 
     python bench.py --model 64 --steps 5 --threads 2 --json     # training and sampling img/s, peak RSS
     python bench.py --attention --threads 2                     # N, fused/explicit time and peak memory

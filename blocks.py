@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from attention import ATTENTION_VARIANTS, SelfAttention, attention_gammas
+from attention import SelfAttention, attention_gammas
 from spectral import maybe_spectral_norm
 
 INITS = ("default", "normal", "orthogonal")
@@ -55,7 +55,7 @@ class _GANNetwork(nn.Module):
     """Holds the constructor options and assembles stages, with attention after the stages of `attn_sizes`.
 
     Subclasses define `stages()` (the conv blocks in order), `head()` (the last layer) and
-    `default_attn_sizes` (where the original project puts attention).
+    `default_attn_sizes` (where the original project, https://github.com/franknb/Self-attention-DCGAN, puts attention).
     """
 
     default_attn_sizes: tuple[int, ...]
@@ -66,8 +66,6 @@ class _GANNetwork(nn.Module):
         if num_classes < 0 or num_classes == 1:
             raise ValueError(f"num_classes must be 0 (unconditional) or at least 2, got {num_classes}")
         self.num_classes = num_classes
-        if attn_variant not in ATTENTION_VARIANTS:
-            raise ValueError(f"attn_variant must be one of {ATTENTION_VARIANTS}, got {attn_variant!r}")
         if conv_dim < 8 or conv_dim % 8:
             raise ValueError(f"conv_dim must be a positive multiple of 8, got {conv_dim}")
         self.attn, self.conv_dim, self.spectral_norm, self.attn_variant = attn, conv_dim, spectral_norm, attn_variant

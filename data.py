@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 DATASETS = ("mnist", "mnist-5k", "celeba", "folder", "synthetic")
+IMAGE_SIZES = {"mnist": 28, "mnist-5k": 28}  # the side each dataset trains at; every other dataset: 64
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MNIST_5K_FILE = "data/data/mnist_5k.csv.gz"
@@ -40,6 +41,11 @@ CELEBA_HELP = (
 
 class DataError(ValueError):
     """Bad or missing data; the message names the path or field and what to do."""
+
+
+def image_size_for(dataset: str) -> int:
+    """The side a dataset trains at by default, which picks the model file (model_28.py or model_64.py)."""
+    return IMAGE_SIZES.get(dataset, 64)
 
 
 def resolve_data_root(root: str | Path | None = None) -> Path:

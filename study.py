@@ -46,11 +46,6 @@ VARIANTS = {
     "r1": [*ORIGINAL, "--r1-weight", "0.1"],
     "d-steps-2": [*ORIGINAL, "--d-steps", "2"],
     "batch-128": [*ORIGINAL, "--batch-size", "128"],
-    # stage 2a: equal learning rates (what unstalled stage 1) with DCGAN's betas, reused fakes, a higher rate
-    "lr2e-4-b0.5": [*ORIGINAL, "--g-lr", "2e-4", "--d-lr", "2e-4", "--beta1", "0.5", "--beta2", "0.999"],
-    "lr2e-4-b0.5-reuse": [*ORIGINAL, "--g-lr", "2e-4", "--d-lr", "2e-4", "--beta1", "0.5", "--beta2", "0.999", "--reuse-fakes"],
-    "lr2e-4-reuse": [*ORIGINAL, "--g-lr", "2e-4", "--d-lr", "2e-4", "--reuse-fakes"],
-    "lr4e-4-b0.5-reuse": [*ORIGINAL, "--g-lr", "4e-4", "--d-lr", "4e-4", "--beta1", "0.5", "--beta2", "0.999", "--reuse-fakes"],
     "conditional": ["--conditional"],
 }
 
@@ -109,7 +104,7 @@ def score(run: Run, n: int, ema: bool, args: argparse.Namespace) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"scoring {run.folder} failed: {result.stderr[-2000:]}")
     scores = json.loads(result.stdout)
-    return {"fid": scores["classifier"]["fid"], "accuracy": scores.get("conditional", {}).get("requested_accuracy")}
+    return {"fid": scores["classifier_fid"], "accuracy": scores.get("requested_accuracy")}
 
 
 def execute(run: Run, args: argparse.Namespace) -> None:
@@ -290,7 +285,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-root", help="default: $SAGAN_DATA, else ./data")
     parser.add_argument("--out", default="runs/study", help="the study folder: out/<variant>/<arm>-seed<k>")
     parser.add_argument("--summarise", metavar="FOLDER", help="only summarise this study folder")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # train.py and evaluate.py run in the repository, so paths given relative to the caller's folder go absolute
+    args.out = str(Path(args.out).resolve())
+    args.data_root = args.data_root and str(Path(args.data_root).resolve())
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

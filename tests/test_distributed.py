@@ -51,7 +51,7 @@ import train
 rank = int(os.environ["RANK"])
 config = train.TrainConfig(dataset="synthetic", image_size=28, synthetic_size=64, conv_dim=16, batch_size=4, steps=3,
                            log_every=1, quiet=True, device="cpu", reuse_fakes={reuse_fakes}, out={str(tmp_path / "run")!r})
-job, device = train.setup_distributed("cpu")
+job, device = train.distributed.join("cpu")
 dataset = train.data.load_dataset("synthetic", image_size=28, channels=1, size=64)
 state = train.build_state(config, dataset, device, job)
 for _ in range(config.steps):

@@ -92,18 +92,18 @@ def test_classifier_reaches_its_accuracy_on_the_test_set(data_root):
 
 
 def test_mnist_floor_is_small_and_noise_or_shuffled_pixels_are_far_worse(data_root):
-    floor = evaluate.real_floor("mnist", 2000, data_root=data_root)
+    floor = evaluate.floor("mnist", 2000, data_root=data_root)
     real = evaluate._real_images("mnist", "floor", 2000, data_root, seed=0)
     noise = torch.rand_like(real) * 2 - 1
     shuffled = real.flatten(1)[:, torch.randperm(28 * 28)].reshape(real.shape)
-    noise_scores = evaluate.score_images(noise, "mnist", data_root=data_root)["classifier"]
-    shuffled_scores = evaluate.score_images(shuffled, "mnist", data_root=data_root)["classifier"]
-    real_scores = floor["classifier"]
-    assert real_scores["fid"] < 15.0  # 7.05 measured; the estimator is biased upwards at small n
-    assert noise_scores["fid"] > 50 * real_scores["fid"]
-    assert shuffled_scores["fid"] > 50 * real_scores["fid"]
-    assert real_scores["score"] > 9.0 and real_scores["classes_covered"] == 10
-    assert noise_scores["score"] < 5.0 and shuffled_scores["score"] < 5.0
+    noise_scores = evaluate.score(noise, "mnist", data_root=data_root)
+    shuffled_scores = evaluate.score(shuffled, "mnist", data_root=data_root)
+    real_scores = floor
+    assert real_scores["classifier_fid"] < 15.0  # 7.05 measured; the estimator is biased upwards at small n
+    assert noise_scores["classifier_fid"] > 50 * real_scores["classifier_fid"]
+    assert shuffled_scores["classifier_fid"] > 50 * real_scores["classifier_fid"]
+    assert real_scores["classifier_score"] > 9.0 and real_scores["classes_covered"] == 10
+    assert noise_scores["classifier_score"] < 5.0 and shuffled_scores["classifier_score"] < 5.0
     assert sum(real_scores["class_histogram"]) == 2000
     protocol = floor["protocol"]
     assert protocol["n_images"] == 2000 and protocol["reference_size"] == 10000
@@ -131,21 +131,21 @@ class _ReplayGenerator(nn.Module):
         return None
 
 
-def test_evaluate_generator_scores_samples_with_its_protocol(data_root):
+def test_evaluate_scores_a_generators_samples_with_its_protocol(data_root):
     digits = evaluate._real_images("mnist", "floor", 1000, data_root, seed=1)
-    good = evaluate.evaluate_generator(_ReplayGenerator(digits), "mnist", 1000, data_root=data_root, ema=True)
-    bad = evaluate.evaluate_generator(_ReplayGenerator(torch.rand_like(digits) * 2 - 1), "mnist-5k", 1000,
-                                      data_root=data_root, ema=False)
-    assert good["classifier"]["fid"] < 25.0 and 50 * good["classifier"]["fid"] < bad["classifier"]["fid"]
+    good = evaluate.evaluate(_ReplayGenerator(digits), 1000, dataset="mnist", data_root=data_root, ema=True)
+    bad = evaluate.evaluate(_ReplayGenerator(torch.rand_like(digits) * 2 - 1), 1000, dataset="mnist-5k",
+                            data_root=data_root, ema=False)
+    assert good["classifier_fid"] < 25.0 and 50 * good["classifier_fid"] < bad["classifier_fid"]
     assert good["protocol"]["ema"] is True and bad["protocol"]["ema"] is False
     assert good["protocol"]["n_images"] == 1000 and good["protocol"]["images"] == "generator samples"
 
 
 def test_unknown_dataset_and_classifier_on_celeba_are_rejected():
     with pytest.raises(ValueError, match="no reference data"):
-        evaluate.score_images(torch.zeros(2, 3, 8, 8), "synthetic")
+        evaluate.score(torch.zeros(2, 3, 8, 8), "synthetic")
     with pytest.raises(ValueError, match="MNIST only"):
-        evaluate.score_images(torch.zeros(2, 3, 64, 64), "celeba", metrics=("classifier",))
+        evaluate.score(torch.zeros(2, 3, 64, 64), "celeba", metrics=("classifier",))
 
 
 def test_missing_inception_weights_give_the_clear_message(tmp_path):
@@ -205,11 +205,11 @@ def test_cli_prints_the_floor_as_a_table_or_json(data_root, capsys):
     arguments = ["--floor", "mnist", "--n", "500", "--data-root", str(data_root)]
     assert evaluate.main(arguments) == 0
     table = capsys.readouterr().out
-    assert "classifier fid" in table and "classifier classes_covered" in table
+    assert "classifier fid" in table and "classes covered" in table
     assert "reference: MNIST test" in table and "n_images: 500" in table
     assert evaluate.main(arguments + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["classifier"]["fid"] < 40.0  # 22.3 measured at n=500
+    assert result["classifier_fid"] < 40.0  # 22.3 measured at n=500
     assert result["protocol"]["n_images"] == 500 and result["protocol"]["reference_size"] == 10000
 
 
@@ -218,13 +218,16 @@ def test_cli_reports_missing_inputs_without_a_traceback(tmp_path, capsys):
     assert "MNIST" in capsys.readouterr().err
 
 
-def test_training_evaluator_fills_its_columns(data_root):
-    evaluator = evaluate.TrainingEvaluator("mnist-5k", data_root=data_root, seed=3)
+def test_the_training_scorer_fills_its_columns(data_root):
+    import train
+
+    config = train.TrainConfig(dataset="mnist-5k", data_root=str(data_root), seed=3, eval_every=1, eval_n=500)
+    scorer = train.training_scorer(config, torch.device("cpu"))
     digits = evaluate._real_images("mnist", "floor", 500, data_root, seed=2)
-    row = evaluator(_ReplayGenerator(digits), 500)
-    assert list(row) == evaluator.columns == ["classifier_fid", "classifier_score", "classes_covered"]
+    row = scorer(_ReplayGenerator(digits))
+    assert list(row) == scorer.names == ["classifier_fid", "classifier_score", "classes_covered"]
     assert row["classifier_fid"] < 50.0 and row["classes_covered"] == 10
-    assert evaluator.protocol(500)["n_images"] == 500
+    assert evaluate.protocol("mnist-5k", 500, "generator samples during training", 3, None)["n_images"] == 500
 
 
 @pytest.mark.slow
@@ -239,7 +242,7 @@ def test_cli_scores_a_short_real_training_run(data_root, tmp_path):
                              "--data-root", str(data_root)], check=True, capture_output=True, text=True, cwd=root)
     result = json.loads(output.stdout)
     # Two training steps are far from digits: far above the real floor, and few classes covered.
-    assert result["classifier"]["fid"] > 500 and result["classifier"]["classes_covered"] < 10
+    assert result["classifier_fid"] > 500 and result["classes_covered"] < 10
     assert result["protocol"]["step"] == 2 and result["protocol"]["n_images"] == 200
     assert result["protocol"]["checkpoint"] == str(run_dir)
 
@@ -247,10 +250,12 @@ def test_cli_scores_a_short_real_training_run(data_root, tmp_path):
 def test_conditional_scores_read_the_requested_digit_and_score_each_class(data_root):
     images, labels = mnist_classifier.mnist_tensors(data_root, train=True)
     images, labels = images[:2000], labels[:2000]
-    right = evaluate.score_images(images, "mnist", data_root=data_root, labels=labels)["conditional"]
-    wrong = evaluate.score_images(images, "mnist", data_root=data_root, labels=(labels + 1) % 10)["conditional"]
+    right = evaluate.score(images, "mnist", data_root=data_root, labels=labels, per_class=True)
+    wrong = evaluate.score(images, "mnist", data_root=data_root, labels=(labels + 1) % 10, per_class=True)
     assert right["requested_accuracy"] > 0.98 and wrong["requested_accuracy"] < 0.02
-    assert len(right["per_class_accuracy"]) == 10 and min(right["per_class_accuracy"]) > 0.95
+    right_accuracy = [right[f"class_{c}_accuracy"] for c in range(10)]
+    right_fid, wrong_fid = ([scores[f"class_{c}_fid"] for c in range(10)] for scores in (right, wrong))
+    assert len(right_accuracy) == 10 and min(right_accuracy) > 0.95
     # each class's ~200 real digits against the test digits of that class (small samples: FIDs of 14-66), and
     # the same digits filed under the next class (thousands)
-    assert max(right["per_class_fid"]) < 100 and min(wrong["per_class_fid"]) > 20 * max(right["per_class_fid"])
+    assert max(right_fid) < 100 and min(wrong_fid) > 20 * max(right_fid)

@@ -50,4 +50,4 @@ def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_pa
         assert scored.returncode == 0, scored.stderr[-3000:]
         # the fp16 file and the fp32 checkpoint behind the table differ only by rounding
         expected = groups[group]["milestones"]["0.1"]["ema_fid"]["median"]
-        assert json.loads(scored.stdout)["classifier"]["fid"] == pytest.approx(expected, rel=0.02)
+        assert json.loads(scored.stdout)["classifier_fid"] == pytest.approx(expected, rel=0.02)

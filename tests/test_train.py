@@ -85,7 +85,7 @@ def test_discriminator_step_does_not_touch_G_weights(tmp_path):
 
 def test_compile_covers_every_pass_of_G_and_D(tmp_path):
     state = _state(tmp_path, compile=True)  # torch.compile wraps lazily: nothing is compiled here
-    passes = (state.G_local, state.G_synced, state.D_local, state.D_synced)
+    passes = (state.G_plain, state.G_updating, state.D_plain, state.D_updating)
     assert all(isinstance(p, torch._dynamo.eval_frame.OptimizedModule) for p in passes)
 
 
