@@ -46,6 +46,14 @@ VARIANTS = {
     "r1": [*ORIGINAL, "--r1-weight", "0.1"],
     "d-steps-2": [*ORIGINAL, "--d-steps", "2"],
     "batch-128": [*ORIGINAL, "--batch-size", "128"],
+    # stage 2 (defined, not yet run): one change of the default at a time
+    "default-reuse-fakes": ["--reuse-fakes"],
+    "default-betas-0.5": ["--beta1", "0.5", "--beta2", "0.999"],
+    "default-lr-4e-4": ["--g-lr", "4e-4", "--d-lr", "4e-4"],
+    "default-d-attn-7": ["--d-attn-sizes", "7"],
+    "default-paper": ["--attn-variant", "paper"],
+    "default-diffaugment": ["--augment", "translation,cutout"],
+    "default-r1": ["--r1-weight", "0.1"],
     "conditional": ["--conditional"],
 }
 

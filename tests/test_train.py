@@ -410,6 +410,10 @@ def test_the_original_preset_is_the_original_projects_recipe():
     overrides, extras = train.parse_args(["--preset", "original", "--g-lr", "3e-4"])
     config = train.config_from_args(overrides, extras)
     assert config.g_lr == 3e-4 and config.d_lr == 4e-4 and config.beta2 == 0.9
+    # the default recipe is the original one with equal learning rates, nothing else
+    default = TrainConfig()
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(default, f.name) != getattr(original, f.name)}
+    assert changed == {"g_lr", "d_lr"} and default.g_lr == default.d_lr == 2e-4
 
 
 def test_an_old_run_resumes_with_the_settings_it_trained_with(tmp_path):
