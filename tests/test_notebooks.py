@@ -34,7 +34,8 @@ def with_parameters(name: str, **overrides) -> nbformat.NotebookNode:
 
 def execute(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Run every cell in a python3 kernel started in the repository root, outputs written into `notebook`."""
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    # A cell gets 240 s, under pytest's 600 s for the test, so a cell that hangs fails with its own source shown.
+    NotebookClient(notebook, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     return notebook
 
 

@@ -21,7 +21,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_path, data_root):
     n = 500
-    made = _run("results.py", "mnist", "--minutes", "0.1", "--milestones", "0.05", "0.1", "--seeds", "0",
+    made = _run("results.py", "mnist", "--minutes", "0.1", "--milestones", "0.1", "--seeds", "0", "--sample-every", "2",
                 "--eval-minutes", "0.05", "--n", str(n), "--curve-n", "200", "--runs", "runs",
                 "--data-root", str(data_root), "--threads", "2", cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-3000:]
@@ -44,10 +44,10 @@ def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_pa
         assert published["model_kwargs"]["attn"] is attn and published["model_file"] == "model_28.py"
         assert all(t.dtype == torch.float16 for t in published["G"].values() if t.is_floating_point())
         G, info = load_generator(weights / name)
-        assert info["ema"] is True and (G.num_classes == 10) == (group == "conditional/sagan")
+        assert info["ema"] is False  # the default recipe keeps no EMA and (G.num_classes == 10) == (group == "conditional/sagan")
         scored = _run("evaluate.py", str(weights / name), "--n", str(n), "--json", "--data-root", str(data_root),
                       cwd=tmp_path)
         assert scored.returncode == 0, scored.stderr[-3000:]
         # the fp16 file and the fp32 checkpoint behind the table differ only by rounding
-        expected = groups[group]["milestones"]["0.1"]["ema_fid"]["median"]
+        expected = groups[group]["milestones"]["0.1"]["fid"]["median"]
         assert json.loads(scored.stdout)["classifier_fid"] == pytest.approx(expected, rel=0.02)
