@@ -257,7 +257,7 @@ def _real_images(dataset: str, part: str, n: int | None, data_root: str | Path |
     """Real [-1, 1] images: the reference ('reference') or a seeded random n from the floor pool ('floor')."""
     root = data.resolve_data_root(data_root)
     if dataset == "mnist":
-        pool, _ = mnist_classifier.mnist_tensors(root, train=(part == "floor"))
+        pool = mnist_classifier.mnist_tensors(root, train=True)[0] if part == "floor" else _mnist_reference(root)[0]
         size = len(pool)
     else:
         span = CELEBA_REFERENCE if part == "reference" else CELEBA_FLOOR_POOL
@@ -273,9 +273,25 @@ def _real_images(dataset: str, part: str, n: int | None, data_root: str | Path |
     return _celeba_images(root, [span.start + i for i in chosen.tolist()])
 
 
-def _describe_reference(dataset: str) -> dict:
+@functools.lru_cache(maxsize=4)
+def _mnist_reference(root: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The real digits MNIST samples are scored against, their labels and name: MNIST's 10,000 test digits, or,
+    where MNIST cannot be had (offline, nothing on disk), the 5,000 digits of mnist-5k, with a warning."""
+    try:
+        images, labels = mnist_classifier.mnist_tensors(root, train=False)
+        return images, labels, "MNIST test"
+    except data.DataError as error:
+        digits = data.load_dataset("mnist-5k", root, image_size=28, channels=1)
+        warnings.warn(f"{error}\nScoring against the 5,000 digits of mnist-5k instead: a run trained on them is "
+                      f"compared with its own training digits, so its scores are not comparable with scores against "
+                      f"MNIST's test set.", stacklevel=2)
+        return digits.images, digits.labels, "mnist-5k (MNIST's test set unavailable; mnist-5k's own training digits)"
+
+
+def _describe_reference(dataset: str, root: Path) -> dict:
     if dataset == "mnist":
-        return {"reference": "MNIST test", "reference_size": 10000, "crop_resize": "none (28x28 grey)"}
+        images, _, name = _mnist_reference(root)
+        return {"reference": name, "reference_size": len(images), "crop_resize": "none (28x28 grey)"}
     return {"reference": f"CelebA images {CELEBA_REFERENCE.start + 1}-{CELEBA_REFERENCE.stop}",
             "reference_size": CELEBA_REFERENCE.stop - CELEBA_REFERENCE.start,
             "crop_resize": "89x109 -> centre crop 89x89 -> antialiased bilinear resize to 64x64"}
@@ -298,8 +314,8 @@ def _classifier_reference(root: Path, device: str) -> tuple[np.ndarray, np.ndarr
 
 @functools.lru_cache(maxsize=4)
 def _classifier_reference_features(root: Path, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Classifier features of the 10,000 MNIST test digits, and their labels."""
-    images, labels = mnist_classifier.mnist_tensors(root, train=False)
+    """Classifier features of the reference digits (MNIST's test set where it can be had), and their labels."""
+    images, labels, _ = _mnist_reference(root)
     return classifier_outputs(images, device=device)[0], labels.numpy()
 
 
@@ -308,7 +324,7 @@ def _inception_reference(dataset: str, root: Path, device: str,
     """Reference Inception statistics, cached on disk (under $SAGAN_CACHE or ~/.cache/sagan-eval): they take
     minutes on a CPU. The file name hashes the whole reference protocol, so a change never reuses stale ones."""
     load_inception(inception_path, device=device)
-    protocol = json.dumps([dataset, _describe_reference(dataset), INCEPTION_SHA1, INCEPTION_INPUT])
+    protocol = json.dumps([dataset, _describe_reference(dataset, root), INCEPTION_SHA1, INCEPTION_INPUT])
     cache = _cache_dir() / f"inception_{dataset}_reference_{hashlib.sha1(protocol.encode()).hexdigest()[:12]}.npz"
     if cache.is_file():
         stats = np.load(cache)
@@ -388,12 +404,13 @@ def conditional_scores(features: np.ndarray, probs: np.ndarray, labels: np.ndarr
 
 
 
-def protocol(dataset: str, n: int, source: str, seed: int, ema: bool | None, metrics: tuple[str, ...] | None = None) -> dict:
+def protocol(dataset: str, n: int, source: str, seed: int, ema: bool | None, metrics: tuple[str, ...] | None = None,
+             data_root: str | Path | None = None) -> dict:
     """What a score means: images scored and where from, the reference, preprocessing and feature extractors."""
     dataset = _reference_name(dataset)
     metrics = _metrics(dataset, metrics)
-    described = {"dataset": dataset, "n_images": n, "images": source, "seed": seed, "ema": ema,
-                 "quantised_to_8_bit": True, **_describe_reference(dataset), "feature_extractors": {}}
+    described = {"dataset": dataset, "n_images": n, "images": source, "seed": seed, "ema": ema, "quantised_to_8_bit": True,
+                 **_describe_reference(dataset, data.resolve_data_root(data_root)), "feature_extractors": {}}
     if "classifier" in metrics:
         described["feature_extractors"]["classifier"] = {
             "name": "mnist_classifier.MNISTClassifier penultimate pre-activations (128-d)",
@@ -429,7 +446,8 @@ def evaluate(target: str | Path | torch.nn.Module, n: int, *, ema: bool = True, 
         G, info = checkpoint.load_generator(target, ema=ema, device=options.get("device", "cpu"))
     images, labels = generate(G, n, seed=seed, batch_size=options.get("batch_size", 250))
     scores = score(images, dataset or info["dataset"], labels=labels, per_class=True, **options)
-    described = protocol(dataset or info["dataset"], n, "generator samples", seed, info["ema"], options.get("metrics"))
+    described = protocol(dataset or info["dataset"], n, "generator samples", seed, info["ema"], options.get("metrics"),
+                         options.get("data_root"))
     if not isinstance(target, torch.nn.Module):
         described |= {"checkpoint": str(target), "step": info["step"]}
     return {**scores, "protocol": described}
@@ -439,7 +457,8 @@ def floor(dataset: str, n: int, *, seed: int = 0, **options) -> dict:
     """The real-vs-real floor: n real images not in the reference, scored exactly as generated ones are."""
     images = _real_images(_reference_name(dataset), "floor", n, options.get("data_root"), seed)
     source = f"real images drawn from {_floor_pool(_reference_name(dataset))}"
-    return {**score(images, dataset, **options), "protocol": protocol(dataset, n, source, seed, None, options.get("metrics"))}
+    return {**score(images, dataset, **options), "protocol": protocol(dataset, n, source, seed, None, options.get("metrics"),
+                                                                   options.get("data_root"))}
 
 
 # ---------------------------------------------------------------- CLI

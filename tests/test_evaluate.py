@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import data
 import evaluate
 import mnist_classifier
 
@@ -139,6 +140,19 @@ def test_evaluate_scores_a_generators_samples_with_its_protocol(data_root):
     assert good["classifier_fid"] < 25.0 and 50 * good["classifier_fid"] < bad["classifier_fid"]
     assert good["protocol"]["ema"] is True and bad["protocol"]["ema"] is False
     assert good["protocol"]["n_images"] == 1000 and good["protocol"]["images"] == "generator samples"
+
+
+def test_without_mnist_samples_are_scored_against_mnist_5k_and_the_protocol_says_so(tmp_path, monkeypatch):
+    """Offline with nothing on disk: the download really fails (a proxy nobody listens on), so the reference is
+    the mnist-5k digits, with a warning, never a DataError at the end of a demo."""
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    digits = data.load_dataset("mnist-5k", tmp_path, image_size=28, channels=1).images[:500]
+    with pytest.warns(UserWarning, match="Scoring against the 5,000 digits of mnist-5k"):
+        result = evaluate.evaluate(_ReplayGenerator(digits), 500, dataset="mnist-5k", data_root=tmp_path)
+    assert result["protocol"]["reference"].startswith("mnist-5k") and result["protocol"]["reference_size"] == 5000
+    assert result["classifier_fid"] < 30  # 500 of the reference digits themselves (noise scores about 3,000)
+    assert not (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()
 
 
 def test_unknown_dataset_and_classifier_on_celeba_are_rejected():

@@ -98,8 +98,9 @@ def shown(notebook: nbformat.NotebookNode, code: str, mime_type: str) -> list:
 
 @pytest.mark.slow
 def test_mnist_notebook_runs_top_to_bottom(data_root, tmp_path):
-    notebook = execute(with_parameters("SAGAN_mnist.ipynb", **TINY, eval_n=64, data_root=str(data_root),
-                                       out_dir=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
+    notebook = execute(with_parameters("SAGAN_mnist.ipynb", **TINY, eval_n=64, conditional_steps=4,
+                                       data_root=str(data_root), out_dir=str(tmp_path / "runs"),
+                                       demo_dir=str(tmp_path / "demo")))
     check_outputs(notebook, tmp_path, "mnist", grid_size=2 + 8 * 30)
     table = "".join(output.text for output in code_cell(notebook, "format_table(").outputs if output.get("name") == "stdout")
     assert table.count("classifier fid") == 2 and table.count("n_images: 64") == 2, "a quality table for each model"
@@ -110,6 +111,21 @@ def test_mnist_notebook_runs_top_to_bottom(data_root, tmp_path):
     assert shown(notebook, "class_picker(", "application/vnd.jupyter.widget-view+json")
     printed = "".join(output.text for output in code_cell(notebook, "class_picker(").outputs if output.get("name") == "stdout")
     assert "requested digit read back" in printed and "per digit: 0:" in printed
+
+
+@pytest.mark.slow
+def test_mnist_notebook_offline_without_mnist_trains_and_scores_on_mnist_5k(tmp_path, monkeypatch):
+    """No MNIST on disk and no network (a proxy nobody listens on): the demo still ends with its table."""
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")  # the kernel inherits the environment
+    notebook = execute(with_parameters("SAGAN_mnist.ipynb", **TINY, eval_n=64, data_root=str(tmp_path / "empty"),
+                                       out_dir=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
+    printed = "".join(output.text for output in code_cell(notebook, "load_dataset_with_fallback(").outputs
+                      if output.get("name") == "stdout")
+    assert printed.startswith("mnist-5k: 5,000 images")
+    table = "".join(output.text for output in code_cell(notebook, "format_table(").outputs if output.get("name") == "stdout")
+    assert table.count("classifier fid") == 2 and table.count("reference: mnist-5k (MNIST's test set unavailable") == 2
+    assert not (tmp_path / "runs" / "conditional").exists(), "conditional_steps = 0 by default: the pair only"
 
 
 @pytest.mark.slow
