@@ -136,7 +136,7 @@ def mnist_table(summary: dict, floor: dict, args: argparse.Namespace, command: s
     lines += ["", f"Classifier FID (lower is better) of {args.n} samples against the {protocol['reference_size']} "
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
                   f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G itself (the default keeps "
-                  f"no EMA: it lagged behind at these budgets, see BENCHMARKS.md). Minutes are {timing}, evaluation "
+                  f"no EMA: it lagged behind at these budgets, see the README's Recipe). Minutes are {timing}, evaluation "
                   f"not counted. Requested digit: the share of "
                   f"samples the classifier reads as the digit asked for. Floor: {protocol['images']}.",
               f"Training: TrainConfig's defaults (see Recipe). {machine_line(args.threads)}",
