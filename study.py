@@ -244,9 +244,11 @@ def plot(summary: dict, out: Path) -> None:
 
     for axis_key, label, path in (("minutes", "minutes of training", "fid_vs_minutes.png"),
                                   ("images", "images seen", "fid_vs_images.png")):
-        figure = Figure(figsize=(11, 4.5), layout="constrained")
-        axes = figure.subplots(1, 2, sharey=True)
-        for axis, fid_key, title in ((axes[0], "fid", "G"), (axes[1], "ema_fid", "EMA of G")):
+        panels = [(fid_key, title) for fid_key, title in (("fid", "G"), ("ema_fid", "EMA of G"))
+                  if any(p[fid_key] for group in summary["groups"].values() for p in group["curve"])]
+        figure = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
+        axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]  # no EMA panel where no run kept one
+        for axis, (fid_key, title) in zip(axes, panels):
             for colour, (name, group) in enumerate(summary["groups"].items()):
                 points = [p for p in group["curve"] if p[fid_key]]
                 if not points:
@@ -257,7 +259,7 @@ def plot(summary: dict, out: Path) -> None:
                 axis.fill_between(x, [p[fid_key]["min"] for p in points], [p[fid_key]["max"] for p in points],
                                   color=f"C{colour % 10}", alpha=0.15)
             axis.set(xlabel=label, ylabel="classifier FID (median, min-max over seeds)", yscale="log", title=title)
-        axes[1].legend(fontsize="x-small", ncol=2)
+        axes[-1].legend(fontsize="x-small", ncol=2)
         figure.savefig(out / path, dpi=100)
 
 
