@@ -403,7 +403,6 @@ def conditional_scores(features: np.ndarray, probs: np.ndarray, labels: np.ndarr
     return scores
 
 
-
 def protocol(dataset: str, n: int, source: str, seed: int, ema: bool | None, metrics: tuple[str, ...] | None = None,
              data_root: str | Path | None = None) -> dict:
     """What a score means: images scored and where from, the reference, preprocessing and feature extractors."""
@@ -455,8 +454,9 @@ def evaluate(target: str | Path | torch.nn.Module, n: int, *, ema: bool = True, 
 
 def floor(dataset: str, n: int, *, seed: int = 0, **options) -> dict:
     """The real-vs-real floor: n real images not in the reference, scored exactly as generated ones are."""
-    images = _real_images(_reference_name(dataset), "floor", n, options.get("data_root"), seed)
-    source = f"real images drawn from {_floor_pool(_reference_name(dataset))}"
+    reference = _reference_name(dataset)
+    images = _real_images(reference, "floor", n, options.get("data_root"), seed)
+    source = f"real images drawn from {_floor_pool(reference)}"
     return {**score(images, dataset, **options), "protocol": protocol(dataset, n, source, seed, None, options.get("metrics"),
                                                                    options.get("data_root"))}
 

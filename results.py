@@ -16,7 +16,6 @@ under the same protocol. Everything resumes: an interrupted call continues where
 import argparse
 import csv
 import json
-import platform
 import shutil
 import sys
 from datetime import date
@@ -72,7 +71,8 @@ def publish_pictures(runs: dict[str, Path], demo: Path, tag: str, caption: str, 
 
 
 def machine_line(threads: int) -> str:
-    return (f"Machine: {study.machine()['cpu']} ({study.machine()['cores']} cores), torch {torch.__version__}, "
+    machine = study.machine()
+    return (f"Machine: {machine['cpu']} ({machine['cores']} cores), torch {torch.__version__}, "
             f"{threads} thread(s) per run, {date.today()}.")
 
 
@@ -101,7 +101,7 @@ def mnist(args: argparse.Namespace, command: str) -> str:
     demo = Path(args.demo)
     shutil.copy(out / "fid_vs_minutes.png", demo / "fid_mnist.png")
     seed = min(args.seeds)
-    runs = {arm: out / name.split("/")[0] / f"{name.split('/')[1]}-seed{seed}" for name, (arm, _, _) in STUDY_ARMS.items()}
+    runs = {arm: study.Run(*name.split("/"), seed, out).folder for name, (arm, _, _) in STUDY_ARMS.items()}
     publish_pictures({arm: runs[arm] for arm in ARMS}, demo, "mnist",
                      f"After {args.minutes:g} minutes of training (seed {seed})")
     G, _ = load_generator(runs["conditional"])
