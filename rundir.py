@@ -3,6 +3,7 @@
     config.json              the run's TrainConfig
     fixed_z.pt               the 64 noise vectors behind the sample grids
     metrics.csv              a row every log_every steps: losses, D's logits, gammas, img/s, times, evaluations
+    sessions.jsonl           a line per start or resume: the step, machine, device, threads and precision it ran with
     samples/step_N.png       sample grids of the fixed noise
     checkpoints/latest.pt    the whole training state; step_N.pt copies every checkpoint_every steps
     events.out.tfevents.*    TensorBoard (when it is installed)
@@ -28,7 +29,7 @@ from torchvision.utils import save_image
 
 from checkpoint import LATEST, atomic_save, atomic_write_text, checkpoint_files, load_checkpoint
 from distributed import Job, noise_seed, shared_choice
-from utils import to_unit_range
+from utils import cpu_features, cpu_name, precision_name, to_unit_range
 
 if TYPE_CHECKING:
     from train import TrainConfig, TrainState
@@ -69,6 +70,29 @@ def open_run(state: TrainState, run_dir: Path, resume: bool,
         return fixed_z, None
     rows = min(config.num_classes, GRID_CLASSES)
     return fixed_z[:8].repeat(rows, 1), torch.arange(rows).repeat_interleave(8)
+
+
+def record_session(state: TrainState, run_dir: Path) -> None:
+    """Append what this start or resume of the run runs on, so a run trained over several sessions (and machines)
+    says which precision and CPU each part had."""
+    line = {"started": datetime.now().astimezone().isoformat(timespec="seconds"), "step": state.step,
+            "device": str(state.device), "precision": precision_name(state.amp_dtype), "threads": torch.get_num_threads(),
+            "world_size": state.job.world_size, "cpu": cpu_name(), **cpu_features(), "torch": torch.__version__}
+    with open(run_dir / "sessions.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_sessions(run_dir: Path) -> list[dict]:
+    """The lines of sessions.jsonl (none for runs that predate it); a line cut short by a crash is skipped."""
+    path = Path(run_dir) / "sessions.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    sessions = []
+    for line in lines:
+        try:
+            sessions.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return sessions
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -33,29 +33,44 @@ from checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 ARMS = {"sagan": [], "baseline": ["--no-attn"]}
-# Every variant is a list of train.py flags. Stage 1 changes one thing of the original recipe; the recipe
-# ('default', TrainConfig's defaults) is what paid, and stage 2 changes one thing of it. BENCHMARKS.md has the table.
-ORIGINAL = ["--preset", "original"]
-VARIANTS = {
-    "default": [],
-    "original": ORIGINAL,
-    "reuse-fakes": [*ORIGINAL, "--reuse-fakes"],
-    "lr-2e-4": [*ORIGINAL, "--g-lr", "2e-4", "--d-lr", "2e-4"],
-    "betas-0.5": [*ORIGINAL, "--beta1", "0.5", "--beta2", "0.999"],
-    "diffaugment": [*ORIGINAL, "--augment", "translation,cutout"],
-    "r1": [*ORIGINAL, "--r1-weight", "0.1"],
-    "d-steps-2": [*ORIGINAL, "--d-steps", "2"],
-    "batch-128": [*ORIGINAL, "--batch-size", "128"],
-    # stage 2 (defined, not yet run): one change of the default at a time
-    "default-reuse-fakes": ["--reuse-fakes"],
-    "default-betas-0.5": ["--beta1", "0.5", "--beta2", "0.999"],
-    "default-lr-4e-4": ["--g-lr", "4e-4", "--d-lr", "4e-4"],
-    "default-d-attn-7": ["--d-attn-sizes", "7"],
-    "default-paper": ["--attn-variant", "paper"],
-    "default-diffaugment": ["--augment", "translation,cutout"],
-    "default-r1": ["--r1-weight", "0.1"],
+# A variant is 'default' (TrainConfig's defaults) or changes of it joined by '+', each a list of train.py flags:
+# 'original+lr-2e-4' is the original recipe with equal learning rates, 'reuse-fakes+betas-0.5' two changes at once.
+CHANGES = {
+    "original": ["--preset", "original"],
+    "reuse-fakes": ["--reuse-fakes"],
+    "lr-2e-4": ["--g-lr", "2e-4", "--d-lr", "2e-4"],
+    "lr-4e-4": ["--g-lr", "4e-4", "--d-lr", "4e-4"],
+    "betas-0.5": ["--beta1", "0.5", "--beta2", "0.999"],
+    "lr-decay": ["--lr-decay", "0.5"],
+    "d-attn-7": ["--d-attn-sizes", "7"],
+    "paper": ["--attn-variant", "paper"],
+    "diffaugment": ["--augment", "translation,cutout"],
+    "r1": ["--r1-weight", "0.1"],
+    "d-steps-2": ["--d-steps", "2"],
+    "batch-128": ["--batch-size", "128"],
     "conditional": ["--conditional"],
 }
+
+
+def variant_flags(variant: str) -> list[str]:
+    """The train.py flags of a variant name ('default', or changes joined by '+'); a clear error for unknown ones."""
+    if variant == "default":
+        return []
+    changes = variant.split("+")
+    unknown = [change for change in changes if change not in CHANGES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown change {', '.join(map(repr, unknown))} in variant {variant!r}; "
+                                         f"a variant is 'default' or changes joined by '+': {', '.join(CHANGES)}")
+    if "original" in changes[1:]:
+        raise argparse.ArgumentTypeError(f"'original' must come first in {variant!r}: it sets the defaults the other "
+                                         "changes apply to")
+    return [flag for change in changes for flag in CHANGES[change]]
+
+
+def variant_name(variant: str) -> str:
+    """argparse type: a variant name, checked."""
+    variant_flags(variant)
+    return variant
 
 
 @dataclass
@@ -76,8 +91,9 @@ def train_command(run: Run, minutes: float, args: argparse.Namespace) -> list[st
               "--eval-minutes", str(args.eval_minutes), "--eval-n", str(args.eval_n)]
     if (run.folder / "checkpoints" / "latest.pt").exists():
         return [sys.executable, str(ROOT / "train.py"), "--resume", str(run.folder), *budget]
-    ema = ["--ema-decay", str(args.ema[0]), "--ema-start", str(int(args.ema[1]))] if args.ema else []
-    flags = [*VARIANTS[run.variant], *ARMS[run.arm], *ema, *args.train_args]
+    ema = ["--ema-decay", str(args.ema[0]), "--ema-start", str(int(args.ema[1])), "--ema-rampup", str(args.ema_rampup)] \
+        if args.ema else []
+    flags = [*variant_flags(run.variant), *ARMS[run.arm], *ema, *args.train_args]
     data_root = ["--data-root", args.data_root] if args.data_root else []
     return [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", *data_root, "--seed", str(run.seed),
             "--eval-every", "0", "--out", str(run.folder), *flags, *budget]
@@ -273,8 +289,8 @@ def machine() -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["default"], choices=VARIANTS, metavar="VARIANT",
-                        help=f"flag sets to train: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", nargs="+", default=["default"], type=variant_name, metavar="VARIANT",
+                        help=f"what to train: 'default' or changes of it joined by '+' ({', '.join(CHANGES)})")
     parser.add_argument("--arms", nargs="+", default=["sagan"], choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget per run (evaluation not counted)")
@@ -291,6 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ema", nargs=2, type=float, metavar=("DECAY", "START"),
                         help="keep an EMA of G with this decay from this step in every run, whatever the variant "
                              "(it never changes training, so G and its EMA are a paired comparison)")
+    parser.add_argument("--ema-rampup", type=float, default=0.0,
+                        help="with --ema: cap the EMA's half-life at this fraction of the steps so far (stylegan2-ada: 0.05)")
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every run")
     parser.add_argument("--data-root", help="default: $SAGAN_DATA, else ./data")
     parser.add_argument("--out", default="runs/study", help="the study folder: out/<variant>/<arm>-seed<k>")

@@ -40,7 +40,7 @@ from blocks import INITS, initialise
 from checkpoint import CheckpointError, checkpoint_files, generator_kwargs, model_module, read_config
 from distributed import Job, any_process, mean_over_processes, noise_seed
 from ema import standing_statistics, update_ema
-from utils import memory_format_for
+from utils import autocast_dtype, memory_format_for, precision_name
 
 LOSSES = ("hinge", "nonsaturating", "wgan-gp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -96,10 +96,15 @@ class TrainConfig:
     reuse_fakes: bool = _field(False, "the G update reuses the D update's fakes: one G forward per step instead of two")
     ema_decay: float = _field(0.0, "EMA of G's weights for samples and evaluation; 0 = off (0.999 is usual)")
     ema_start: int = _field(0, "the EMA copies G until this step, then averages")
+    ema_rampup: float = _field(0.0, "cap the EMA's half-life at this fraction of the images seen so far (stylegan2-ada "
+                                    "uses 0.05): early on it averages over a short, growing window; 0 = off")
+    lr_decay: float = _field(0.0, "decay both learning rates linearly to 0 over this last fraction of the budget "
+                                  "(--steps, or --minutes when that ends first); 0 = constant rates")
     seed: int = _field(0, "seeds weights, data order, noise and the fixed sample noise")
     # machine
     device: str = _field("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
-    precision: str = _field("auto", "auto (bf16 or fp16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16")
+    precision: str = _field("auto", "auto (bf16 where the GPU or CPU runs it natively, fp16 on older GPUs, fp32 "
+                                    "elsewhere), fp32, bf16 or fp16")
     channels_last: bool | None = _field(None, "channels_last memory format (default: on for the CPU, off on CUDA and MPS)")
     compile: bool = _field(False, "torch.compile G and D")
     threads: int = _field(0, "CPU threads for torch (0: torch's default)")
@@ -163,6 +168,8 @@ class TrainConfig:
             require(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "a positive finite number")
         for name in ("beta1", "beta2", "ema_decay"):
             require(0 <= getattr(self, name) < 1, name, "in [0, 1)")
+        require(0 <= self.ema_rampup and math.isfinite(self.ema_rampup), "ema_rampup", "a finite number >= 0")
+        require(0 <= self.lr_decay <= 1, "lr_decay", "in [0, 1]")
 
     @property
     def channels(self) -> int:
@@ -182,7 +189,8 @@ PRESETS = {
     "default": {},
     "original": dict(g_lr=1e-4, d_lr=4e-4, beta1=0.0, beta2=0.9, batch_size=64, loss="hinge", d_steps=1, z_dim=100,
                      conv_dim=64, attn_variant="original", g_attn_sizes=None, d_attn_sizes=None, spectral_norm=True,
-                     init="default", augment="", r1_weight=0.0, reuse_fakes=False, ema_decay=0.0, ema_start=0),
+                     init="default", augment="", r1_weight=0.0, reuse_fakes=False, ema_decay=0.0, ema_start=0,
+                     ema_rampup=0.0, lr_decay=0.0),
 }
 
 # Fields a resumed run may change; every other field must match the run's config.json.
@@ -363,7 +371,7 @@ def build_state(config: TrainConfig, dataset: Dataset, device: torch.device, job
     if config.ema_decay > 0:
         G_ema = build_models(config)[0].to(device, memory_format=memory_format).eval().requires_grad_(False)
         G_ema.load_state_dict(G.state_dict())
-    amp_dtype = resolve_precision(config.precision, device)
+    amp_dtype = autocast_dtype(config.precision, device)
     workers = config.num_workers if config.num_workers >= 0 else \
         4 if device.type == "cuda" and not isinstance(dataset, data.TensorImages) else 0
     state = TrainState(
@@ -381,15 +389,6 @@ def build_state(config: TrainConfig, dataset: Dataset, device: torch.device, job
     state.G_updating = maybe_compile(distributed.synced(G, job, device)) if job.enabled else state.G_plain
     state.D_updating = maybe_compile(distributed.synced(D, job, device)) if job.enabled else state.D_plain
     return state
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting on a device; None means plain fp32."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None  # CPU bf16 only pays on CPUs with AMX; ask for it with --precision bf16
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -445,10 +444,29 @@ def generator_step(state: TrainState, fakes: Fakes | None = None) -> dict[str, t
     finally:
         D.train().requires_grad_(True)
     if state.G_ema is not None:
-        # state.step counts the steps before this one: the update of step ema_start is the first that averages
-        update_ema(state.G_ema, state.G, state.config.ema_decay if state.step + 1 >= state.config.ema_start else 0.0)
+        update_ema(state.G_ema, state.G, ema_decay_at(state.config, state.step + 1))  # state.step: steps before this
         state.ema_stale = True
     return {"g_loss": loss.detach()}
+
+
+def ema_decay_at(config: TrainConfig, step: int) -> float:
+    """The EMA's decay in the update of step `step` (from 1): 0 before ema_start (the EMA copies G), then
+    ema_decay, with its half-life capped at ema_rampup x the steps so far (stylegan2-ada's ramp in images seen)."""
+    if step < config.ema_start:
+        return 0.0
+    if config.ema_rampup:
+        return min(config.ema_decay, 0.5 ** (1 / (config.ema_rampup * step)))
+    return config.ema_decay
+
+
+def learning_rate_scale(state: TrainState) -> float:
+    """1 until the last lr_decay of the budget, then falling linearly to 0 at its end. The budget is --steps, or
+    --minutes of training by the run's clock when those run out first."""
+    config = state.config
+    done = state.step / config.steps
+    if config.minutes:
+        done = max(done, state.training_seconds() / (60 * config.minutes))
+    return min(1.0, max(0.0, 1 - done) / config.lr_decay)
 
 
 def train_step(state: TrainState) -> dict[str, torch.Tensor]:
@@ -457,6 +475,11 @@ def train_step(state: TrainState) -> dict[str, torch.Tensor]:
     With reuse_fakes, G runs once per step: the last D update trains on its batch (detached), and the G
     update back-propagates through the same batch and the updated D, as the PyTorch DCGAN example does.
     Without it, the G update draws fresh noise and runs G again, as the original project does."""
+    if state.config.lr_decay:
+        scale = learning_rate_scale(state)
+        for optimizer, lr in ((state.opt_G, state.config.g_lr), (state.opt_D, state.config.d_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale
     for _ in range(state.config.d_steps - 1):
         discriminator_step(state)
     fakes = fakes_for_G(state) if state.config.reuse_fakes else None
@@ -575,7 +598,9 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     grid_inputs = rundir.open_run(state, run_dir, resume, check_resumable)
     scorer = training_scorer(config, device) if job.is_main else None
     log = rundir.RunLog(run_dir, log_columns(state, scorer), state.step) if job.is_main else None
-    progress = progress_bar(config, state.step, disable=config.quiet or not job.is_main)
+    if job.is_main:
+        rundir.record_session(state, run_dir)
+    progress = progress_bar(config, state.step, precision_name(state.amp_dtype), disable=config.quiet or not job.is_main)
     clock = Stopwatch(state.wall_time, state.cpu_time)
     logged_at, images_since = state.wall_time, 0
     last = state.step >= config.steps or out_of_time(state)
@@ -672,11 +697,11 @@ def closing(*closables):
                 closable.close()
 
 
-def progress_bar(config: TrainConfig, start: int, disable: bool):
+def progress_bar(config: TrainConfig, start: int, precision: str, disable: bool):
     from tqdm.auto import tqdm
 
     arm = "SAGAN" if config.attn else "baseline"
-    return tqdm(total=config.steps, initial=start, disable=disable, desc=f"{arm} {config.dataset}",
+    return tqdm(total=config.steps, initial=start, disable=disable, desc=f"{arm} {config.dataset} {precision}",
                 unit="step", dynamic_ncols=True)
 
 

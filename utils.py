@@ -1,4 +1,7 @@
-"""Helpers the notebooks and scripts share around training: device choice and image conversion."""
+"""Helpers the notebooks and scripts share around training: device and precision choice, image conversion."""
+import platform
+from pathlib import Path
+
 import torch
 
 
@@ -16,6 +19,41 @@ def pick_device(preference: str = "auto") -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> dict[str, bool]:
+    """What this CPU runs natively that decides bf16's speed: AMX tiles, AVX512-BF16, and AVX2 for reference."""
+    checks = {"amx": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported", "avx2": "_is_avx2_supported"}
+    return {name: bool(getattr(torch.cpu, check, lambda: False)()) for name, check in checks.items()}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting ('auto', 'fp32', 'bf16' or 'fp16') on a device; None means fp32.
+
+    'auto' is bf16 on CUDA GPUs that have it (fp16 on older ones) and on CPUs that run bf16 natively (AMX or
+    AVX512-BF16: a 64x64 step 2.3x faster on an AMX Xeon); fp32 on other CPUs, where bf16 is emulated and a
+    28x28 step is about 20x slower (AVX2, BENCHMARKS.md), and on MPS."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        features = cpu_features()
+        return torch.bfloat16 if device.type == "cpu" and (features["amx"] or features["avx512_bf16"]) else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'fp32', 'bf16' or 'fp16': how a resolved autocast dtype is reported."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def memory_format_for(device: torch.device, channels_last: bool | None = None) -> torch.memory_format:

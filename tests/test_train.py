@@ -532,3 +532,41 @@ def test_conditional_training_needs_labelled_data(tmp_path):
         train.train(tiny(tmp_path, conditional=True))
     with pytest.raises(ConfigError, match="num_classes must be 0 without --conditional"):
         TrainConfig(num_classes=10)
+
+
+def test_a_bf16_step_trains_G_and_D_with_finite_losses(tmp_path):
+    state = _state(tmp_path, precision="bf16", batch_size=4)
+    assert state.amp_dtype == torch.bfloat16
+    G0, D0 = _snapshot(state.G), _snapshot(state.D)
+    metrics = train.train_step(state)
+    assert all(torch.isfinite(value) for value in metrics.values())
+    assert any(not torch.equal(G0[k], v) for k, v in state.G.state_dict().items() if "weight" in k)
+    assert any(not torch.equal(D0[k], v) for k, v in state.D.state_dict().items() if "weight" in k)
+    assert all(p.dtype == torch.float32 for p in [*state.G.parameters(), *state.D.parameters()]), "weights stay fp32"
+
+
+@pytest.mark.parametrize("step, expected", [(1, 0.0), (4, 0.0), (5, 0.5 ** (1 / 0.5)), (40, 0.5 ** (1 / 4)), (10_000, 0.99)])
+def test_the_ema_ramp_caps_the_half_life_at_a_fraction_of_the_steps_so_far(step, expected):
+    config = TrainConfig(**TINY, ema_decay=0.99, ema_start=5, ema_rampup=0.1)
+    assert train.ema_decay_at(config, step) == pytest.approx(expected)
+    # the half-life of the decay, in steps, is 0.1 x step while the ramp caps it
+    if 5 <= step <= 40:
+        assert 0.5 ** (1 / (0.1 * step)) == pytest.approx(train.ema_decay_at(config, step))
+
+
+def test_learning_rates_decay_linearly_to_zero_over_the_last_part_of_the_budget(tmp_path):
+    state = _state(tmp_path, steps=10, lr_decay=0.4, g_lr=1e-3, d_lr=2e-3)
+    seen = []
+    for _ in range(10):
+        train.train_step(state)
+        seen.append((state.opt_G.param_groups[0]["lr"], state.opt_D.param_groups[0]["lr"]))
+    # the lr a step used was set from the steps done before it: 0..9 of 10; decay starts at 6 (the last 40%)
+    expected_scale = [1, 1, 1, 1, 1, 1, 1.0, 0.75, 0.5, 0.25]
+    assert [g for g, _ in seen] == pytest.approx([1e-3 * s for s in expected_scale])
+    assert [d for _, d in seen] == pytest.approx([2e-3 * s for s in expected_scale])
+
+
+def test_a_time_budget_decays_the_learning_rates_by_training_time(tmp_path):
+    state = _state(tmp_path, steps=1000, minutes=10, lr_decay=0.5)
+    state.cpu_time = state.wall_time = 7.5 * 60  # three quarters of the 10 minutes, under 1% of the steps
+    assert train.learning_rate_scale(state) == pytest.approx(0.5)
