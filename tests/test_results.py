@@ -44,7 +44,8 @@ def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_pa
         assert published["model_kwargs"]["attn"] is attn and published["model_file"] == "model_28.py"
         assert all(t.dtype == torch.float16 for t in published["G"].values() if t.is_floating_point())
         G, info = load_generator(weights / name)
-        assert info["ema"] is False  # the default recipe keeps no EMA and (G.num_classes == 10) == (group == "conditional/sagan")
+        assert info["ema"] is False  # the default recipe keeps no EMA
+        assert (G.num_classes == 10) == (group == "conditional/sagan")
         scored = _run("evaluate.py", str(weights / name), "--n", str(n), "--json", "--data-root", str(data_root),
                       cwd=tmp_path)
         assert scored.returncode == 0, scored.stderr[-3000:]
