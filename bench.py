@@ -7,7 +7,7 @@ step, and speed ratios against the training step of the original project
     python bench.py --vs-reference --threads 2 --rounds 3       # seedref and ours alternately, median ratios
     python bench.py --flops --model 64 --threads 2              # GFLOP of a step and a sample, ours and seedref's
 
-Training is the project's own step (train.build_state + train.train_step, TrainConfig's defaults, synthetic
+Training is the project's own step (state.build_state + train.train_step, TrainConfig's defaults, synthetic
 data); sampling is G.sample. --[no-]channels-last, --compile, --precision, --reuse-fakes and --no-spectral-norm
 set the matching TrainConfig field. Every measurement that reports memory or is compared with another runs in a
 fresh process of its own (peak RSS is per process), with OpenMP and MKL pinned to --threads.
@@ -94,20 +94,21 @@ def machine(threads: int) -> dict:
 # ---------------------------------------------------------------------------------------------- ours
 
 def training_state(args: argparse.Namespace):
-    """train.build_state for the benchmark's settings on the synthetic set, on the CPU."""
+    """state.build_state for the benchmark's settings on the synthetic set, on the CPU."""
     import data
-    import train
+    import state
+    from config import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = args.batch_size or 64
-    config = train.TrainConfig(
+    config = TrainConfig(
         dataset="synthetic", image_size=args.model, batch_size=batch, attn=args.attn, device="cpu", quiet=True,
         synthetic_size=2 * batch, channels_last=args.channels_last, compile=args.compile, precision=args.precision,
         spectral_norm=args.spectral_norm, reuse_fakes=args.reuse_fakes, threads=args.threads)
     dataset = data.load_dataset("synthetic", image_size=config.image_size, channels=config.channels,
                                 size=config.synthetic_size, seed=config.seed)
-    return train.build_state(config, dataset, torch.device("cpu"))
+    return state.build_state(config, dataset, torch.device("cpu"))
 
 
 def measure_training(args: argparse.Namespace) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import generator_kwargs, model_module
 from utils import memory_format_for
 
 LATEST = "latest.pt"
@@ -140,17 +141,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
                             f"evaluated. Restore the file from a backup, or start the run again with a new --out")
 
 
-def model_module(image_size: int):
-    """The model file for an image size: model_28 or model_64."""
-    import model_28
-    import model_64
-
-    modules = {28: model_28, 64: model_64}
-    if image_size not in modules:
-        raise ValueError(f"No model for image size {image_size}; available: {sorted(modules)}")
-    return modules[image_size]
-
-
 def load_generator(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """A generator in eval mode from a run directory, a training checkpoint or a published weights file.
 
@@ -174,17 +164,6 @@ def load_generator(path: str | Path, *, ema: bool = True, device: str | torch.de
     info = {"model_kwargs": kwargs, "image_size": image_size, "dataset": config.get("dataset", state.get("dataset")),
             "step": state.get("step"), "ema": used_ema, "config": config}
     return G, info
-
-
-def generator_kwargs(config: dict) -> dict:
-    """The Generator constructor keywords recorded in a training config (older configs lack the newer ones,
-    whose constructor defaults are what those runs trained with)."""
-    kwargs = {key: config[key] for key in ("attn", "z_dim", "conv_dim", "spectral_norm", "attn_variant")}
-    if config.get("g_attn_sizes") is not None:
-        kwargs["attn_sizes"] = tuple(config["g_attn_sizes"])
-    if config.get("num_classes"):
-        kwargs["num_classes"] = config["num_classes"]
-    return kwargs
 
 
 def read_config(run_dir: str | Path) -> dict:

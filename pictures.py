@@ -25,7 +25,8 @@ from torchvision.utils import make_grid
 
 import data
 from attention import attention_layers
-from checkpoint import model_module, read_config
+from checkpoint import read_config
+from models import model_module
 from utils import to_unit_range
 
 ARM_TITLES = ("Without Attention", "With Attention")

@@ -26,7 +26,8 @@ import torch
 import evaluate
 import pictures
 import study
-from checkpoint import generator_kwargs, load_checkpoint, load_generator, model_module
+from checkpoint import load_checkpoint, load_generator
+from models import generator_kwargs, model_module
 from train import TrainConfig, compare
 
 ARMS = {"without_attention": "DCGAN baseline (no attention)", "with_attention": "SAGAN (attention)"}

@@ -10,29 +10,23 @@
 
 Every file is written through a temporary file and a rename, so a crash leaves the previous version whole.
 """
-from __future__ import annotations
-
 import csv
 import dataclasses
 import io
 import json
-import random
 import warnings
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torchvision.utils import save_image
 
 from checkpoint import LATEST, atomic_save, atomic_write_text, checkpoint_files, load_checkpoint
-from distributed import Job, noise_seed, shared_choice
+from config import TrainConfig, arm_of, check_resumable
+from distributed import Job, shared_choice
+from models import class_rows, noise
+from state import TrainState
 from utils import cpu_features, cpu_name, precision_name, to_unit_range
-
-if TYPE_CHECKING:
-    from train import TrainConfig, TrainState
 
 GRID_CLASSES = 16  # a conditional run's sample grid shows the first 16 classes, one row each
 
@@ -41,12 +35,10 @@ def run_dir_for(config: TrainConfig, job: Job) -> Path:
     """config.out, or a fresh timestamped folder under runs/, the same in every process."""
     if config.out:
         return Path(config.out)
-    arm = "attn" if config.attn else "noattn"
-    return Path(shared_choice(str(Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.dataset}-{arm}"), job))
+    return Path(shared_choice(str(Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.dataset}-{arm_of(config)}"), job))
 
 
-def open_run(state: TrainState, run_dir: Path, resume: bool,
-             check_resumable: Callable[[dict, TrainConfig], None]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def open_run(state: TrainState, run_dir: Path, resume: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Restore a resumed run (every process) and write config.json and fixed_z.pt (rank 0); returns the inputs
     of the sample grids (rank 0): the 64 fixed noise vectors, or in a conditional run the first 8 of them
     repeated for each class (up to GRID_CLASSES), one row per class."""
@@ -60,16 +52,15 @@ def open_run(state: TrainState, run_dir: Path, resume: bool,
     if resume:
         checkpoint = load_checkpoint(run_dir, state.device)
         check_resumable(checkpoint["config"], config)
-        load_state_dict(state, checkpoint)
+        state.load_state_dict(checkpoint)
     if not is_main:
         return None
-    fixed_z = torch.randn(64, config.z_dim, generator=torch.Generator().manual_seed(config.seed))
+    fixed_z = noise(64, config.z_dim, config.seed)
     atomic_save(fixed_z, run_dir / "fixed_z.pt")
     atomic_write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", run_dir / "config.json")
     if not config.conditional:
         return fixed_z, None
-    rows = min(config.num_classes, GRID_CLASSES)
-    return fixed_z[:8].repeat(rows, 1), torch.arange(rows).repeat_interleave(8)
+    return class_rows(fixed_z[:8], range(min(config.num_classes, GRID_CLASSES)))
 
 
 def record_session(state: TrainState, run_dir: Path) -> None:
@@ -97,55 +88,11 @@ def read_sessions(run_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
-def state_dict(state: TrainState) -> dict:
-    """The whole training state as one dict of tensors and plain values (what checkpoints hold)."""
-    name, keys, *rest = np.random.get_state()  # its key array as a list: the file loads with weights_only=True
-    rng = {"torch": torch.get_rng_state(), "noise": state.noise.get_state(), "python": random.getstate(),
-           "numpy": (name, keys.tolist(), *rest)}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {
-        "G": state.G.state_dict(), "D": state.D.state_dict(),
-        "G_ema": state.G_ema.state_dict() if state.G_ema is not None else None,
-        "opt_G": state.opt_G.state_dict(), "opt_D": state.opt_D.state_dict(),
-        "scaler": {"G": state.scaler_G.state_dict(), "D": state.scaler_D.state_dict()},
-        "step": state.step, "wall_time": state.wall_time, "cpu_time": state.cpu_time,
-        "config": dataclasses.asdict(state.config), "rng": rng, "loader": state.loader.state_dict(),
-    }
-
-
-def load_state_dict(state: TrainState, checkpoint: dict) -> None:
-    """Restore a TrainState built for the same config from a checkpoint dict."""
-    state.G.load_state_dict(checkpoint["G"])
-    state.D.load_state_dict(checkpoint["D"])
-    if state.G_ema is not None:
-        state.G_ema.load_state_dict(checkpoint["G_ema"])
-    state.opt_G.load_state_dict(checkpoint["opt_G"])
-    state.opt_D.load_state_dict(checkpoint["opt_D"])
-    state.scaler_G.load_state_dict(checkpoint["scaler"]["G"])
-    state.scaler_D.load_state_dict(checkpoint["scaler"]["D"])
-    state.loader.load_state_dict(checkpoint["loader"])
-    rng = checkpoint["rng"]
-    torch.set_rng_state(rng["torch"])
-    if state.job.is_main:
-        state.noise.set_state(rng["noise"])
-    else:  # checkpoints hold rank 0's stream; the others restart theirs from the step, whatever the old world size
-        state.noise.manual_seed(noise_seed(state.config.seed, state.job.rank, checkpoint["step"]))
-    random.setstate(rng["python"])
-    name, keys, *rest = rng["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    state.step = checkpoint["step"]
-    state.wall_time = checkpoint.get("wall_time", 0.0)  # checkpoints before these fields count from the resume
-    state.cpu_time = checkpoint.get("cpu_time", 0.0)
-
-
 def save_checkpoint(state: TrainState, run_dir: Path) -> Path:
     """Write checkpoints/latest.pt, and a step_N.pt copy every checkpoint_every steps."""
     folder = run_dir / "checkpoints"
     state.sampler()  # the EMA generator's BatchNorm statistics up to date in the file
-    checkpoint = state_dict(state)
+    checkpoint = state.state_dict()
     atomic_save(checkpoint, folder / LATEST)
     if state.step % state.config.checkpoint_every == 0:
         atomic_save(checkpoint, folder / f"step_{state.step:06d}.pt")

@@ -1,27 +1,24 @@
 """Train SAGAN (Zhang et al. 2018, https://arxiv.org/abs/1805.08318) or its no-attention (DCGAN) baseline.
 
     python train.py --dataset mnist --steps 2000              # SAGAN on MNIST, run dir under runs/
-    python train.py --dataset mnist --steps 2000 --no-attn    # the DCGAN baseline
-    python train.py --dataset mnist --preset original         # the original project's recipe
+    python train.py --dataset mnist --steps 2000 --no-attn    # the baseline
+    python train.py --dataset mnist --recipe original         # the original project's recipe
     python train.py --dataset celeba --compare --out runs/cmp # both arms, same seed, data order and noise
-    python train.py --resume runs/cmp/with_attention --steps 4000
+    python train.py --resume runs/cmp/sagan --steps 4000
     torchrun --nproc_per_node=4 train.py --dataset celeba     # DDP: global batch = 4 x --batch-size
 
-This file reads top to bottom: the config, the losses, the state a step touches, the steps, the loop, the
-command line. The run directory's files live in rundir.py, torchrun's plumbing in distributed.py.
-Every TrainConfig field is a flag (`batch_size` -> `--batch-size`); notebooks call train(config).
+This file reads top to bottom: the losses, one step, the loop, the command line. What a run is (TrainConfig,
+recipes, arms) lives in config.py, the state a step touches in state.py, the run directory's files in rundir.py.
+Every TrainConfig field is a flag (`batch_size` -> `--batch-size`); notebooks call compare(config) or train(config).
 """
 import argparse
 import dataclasses
-import math
 import signal
 import sys
 import threading
 import time
-import typing
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -34,188 +31,16 @@ from torch.utils.data import Dataset
 import data
 import distributed
 import rundir
-from attention import ATTENTION_VARIANTS
-from augment import diff_augment, parse_policy
-from blocks import INITS, initialise
-from checkpoint import CheckpointError, checkpoint_files, generator_kwargs, model_module, read_config
-from distributed import Job, any_process, mean_over_processes, noise_seed
-from ema import standing_statistics, update_ema
-from utils import autocast_dtype, memory_format_for, precision_name
-
-LOSSES = ("hinge", "nonsaturating", "wgan-gp")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-# ---------------------------------------------------------------------------------------------- config
-
-def _field(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run. The defaults are the original recipe with equal learning rates; --preset original gives
-    the original project's recipe itself (TTUR 1e-4 / 4e-4)."""
-
-    # data
-    dataset: str = _field("mnist", "mnist, mnist-5k, celeba, folder or synthetic")
-    data_root: str | None = _field(None, "data folder (default: $SAGAN_DATA, else ./data); for 'folder', the image folder")
-    image_size: int = _field(0, "28 (model_28.py) or 64 (model_64.py); 0 = 28 for MNIST, 64 otherwise")
-    synthetic_size: int = _field(2048, "number of images of the synthetic set")
-    # model
-    attn: bool = _field(True, "self-attention layers (--no-attn: the DCGAN baseline)")
-    attn_variant: str = _field("original", "'original' (q/k C/2, v C) or 'paper' (q/k C/8, v C/2, pooled keys)")
-    g_attn_sizes: tuple[int, ...] | None = _field(None, "sizes of G's feature maps that attention follows (default: the "
-                                                        "original's, 14 at 28x28, 16 32 at 64x64)")
-    d_attn_sizes: tuple[int, ...] | None = _field(None, "sizes of D's feature maps that attention follows (default: the "
-                                                        "original's, 3 at 28x28, 8 4 at 64x64)")
-    z_dim: int = _field(100, "noise dimension")
-    conv_dim: int = _field(64, "base channel width")
-    spectral_norm: bool = _field(True, "spectral norm in G and D (--no-spectral-norm: plain DCGAN layers)")
-    conditional: bool = _field(False, "class-conditional G (conditional BatchNorm) and D (projection), trained on labels")
-    num_classes: int = _field(0, "classes of a conditional run (0: as many as the dataset has)")
-    init: str = _field("default", "weight initialisation: default (torch's), normal (DCGAN's N(0, 0.02)) or orthogonal")
-    # optimisation
-    steps: int = _field(2000, "generator updates in total")
-    minutes: float = _field(0.0, "also stop after this many minutes of training (evaluation not counted); 0 = no limit")
-    clock: str = _field("wall", "what --minutes, --eval-minutes and --checkpoint-minutes count: 'wall' (elapsed time) or "
-                                "'cpu' (this process's CPU time, which other programs on the machine do not eat into)")
-    batch_size: int = _field(64, "images per batch (per process)")
-    # equal rates: the original TTUR (1e-4 / 4e-4) lets D win outright for hundreds of steps (BENCHMARKS.md, Recipe)
-    g_lr: float = _field(2e-4, "generator learning rate")
-    d_lr: float = _field(2e-4, "discriminator learning rate")
-    beta1: float = _field(0.0, "Adam beta1")
-    beta2: float = _field(0.9, "Adam beta2")
-    loss: str = _field("hinge", "hinge, nonsaturating (classic DCGAN) or wgan-gp")
-    gp_weight: float = _field(10.0, "gradient-penalty weight for wgan-gp")
-    r1_weight: float = _field(0.0, "R1: weight gamma of the zero-centred gradient penalty gamma/2 E||grad D(real)||^2; 0 = off")
-    r1_every: int = _field(16, "apply R1 every N steps, scaled by N (lazy regularisation, as in StyleGAN2)")
-    augment: str = _field("", "DiffAugment policy for everything D sees: '' (off), e.g. 'translation,cutout' or "
-                              "'color,translation,cutout'")
-    d_steps: int = _field(1, "discriminator updates per generator update (5 is usual for wgan-gp)")
-    reuse_fakes: bool = _field(False, "the G update reuses the D update's fakes: one G forward per step instead of two")
-    ema_decay: float = _field(0.0, "EMA of G's weights for samples and evaluation; 0 = off (0.999 is usual)")
-    ema_start: int = _field(0, "the EMA copies G until this step, then averages")
-    ema_rampup: float = _field(0.0, "cap the EMA's half-life at this fraction of the images seen so far (stylegan2-ada "
-                                    "uses 0.05): early on it averages over a short, growing window; 0 = off")
-    lr_decay: float = _field(0.0, "decay both learning rates linearly to 0 over this last fraction of the budget "
-                                  "(--steps, or --minutes when that ends first); 0 = constant rates")
-    seed: int = _field(0, "seeds weights, data order, noise and the fixed sample noise")
-    # machine
-    device: str = _field("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
-    precision: str = _field("auto", "auto (bf16 where the GPU or CPU runs it natively, fp16 on older GPUs, fp32 "
-                                    "elsewhere), fp32, bf16 or fp16")
-    channels_last: bool | None = _field(None, "channels_last memory format (default: on for the CPU, off on CUDA and MPS)")
-    compile: bool = _field(False, "torch.compile G and D")
-    threads: int = _field(0, "CPU threads for torch (0: torch's default)")
-    num_workers: int = _field(-1, "data-loading workers (-1: 4 on CUDA for image files, else 0)")
-    sync_bn: bool = _field(False, "under torchrun, SyncBatchNorm in G: batch statistics over all processes (CUDA only)")
-    # outputs
-    out: str | None = _field(None, "run directory (default: runs/<timestamp>-<dataset>-<arm>)")
-    sample_every: int = _field(100, "save an 8x8 grid of the fixed noise every N steps")
-    log_every: int = _field(10, "append to metrics.csv every N steps")
-    checkpoint_every: int = _field(500, "keep checkpoints/step_N.pt every N steps (latest.pt is written then too)")
-    checkpoint_minutes: float = _field(5.0, "also write checkpoints/latest.pt every N minutes of training; 0 = off")
-    eval_every: int = _field(0, "evaluate sample quality every N steps (0: never)")
-    eval_minutes: float = _field(0.0, "also evaluate every N minutes of training (0: never)")
-    eval_n: int = _field(1000, "generated images per evaluation during training")
-    quiet: bool = _field(False, "no progress bar")
-
-    def __post_init__(self):
-        if not self.image_size:
-            self.image_size = data.image_size_for(self.dataset)
-        for name in ("g_attn_sizes", "d_attn_sizes"):  # config.json holds lists
-            if getattr(self, name) is not None:
-                setattr(self, name, tuple(getattr(self, name)))
-        self.validate()
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides) -> "TrainConfig":
-        """A config from a named set of defaults (PRESETS), with `overrides` on top."""
-        if preset not in PRESETS:
-            raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-        return cls(**{**PRESETS[preset], **overrides})
-
-    def validate(self) -> None:
-        """Refuse nonsensical values up front, naming the field."""
-        def require(ok: bool, name: str, expected: str):
-            if not ok:
-                raise ConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
-
-        require(self.dataset in data.DATASETS, "dataset", f"one of {', '.join(data.DATASETS)}")
-        require(self.image_size in (28, 64), "image_size", "28 or 64")
-        require(self.attn_variant in ATTENTION_VARIANTS, "attn_variant", f"one of {', '.join(ATTENTION_VARIANTS)}")
-        require(self.init in INITS, "init", f"one of {', '.join(INITS)}")
-        require(self.clock in ("wall", "cpu"), "clock", "'wall' or 'cpu'")
-        try:
-            parse_policy(self.augment)
-        except ValueError as error:
-            raise ConfigError(f"augment: {error}") from None
-        require(self.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}")
-        require(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
-        for name in ("steps", "batch_size", "z_dim", "d_steps", "sample_every", "log_every", "checkpoint_every", "eval_n",
-                     "synthetic_size", "r1_every"):
-            require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a positive integer")
-        require(self.conv_dim >= 8 and self.conv_dim % 8 == 0, "conv_dim", "a positive multiple of 8")
-        require(self.conditional or self.num_classes == 0, "num_classes", "0 without --conditional")
-        require(self.num_classes == 0 or self.num_classes >= 2, "num_classes", "0 (from the data) or at least 2")
-        for name in ("eval_every", "threads", "ema_start"):
-            require(getattr(self, name) >= 0, name, "0 or a positive integer")
-        for name in ("minutes", "checkpoint_minutes", "eval_minutes", "r1_weight", "gp_weight"):
-            require(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0")
-        require(self.num_workers >= -1, "num_workers", "-1 (auto), 0 or a positive integer")
-        for name in ("g_lr", "d_lr"):
-            require(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "a positive finite number")
-        for name in ("beta1", "beta2", "ema_decay"):
-            require(0 <= getattr(self, name) < 1, name, "in [0, 1)")
-        require(0 <= self.ema_rampup and math.isfinite(self.ema_rampup), "ema_rampup", "a finite number >= 0")
-        require(0 <= self.lr_decay <= 1, "lr_decay", "in [0, 1]")
-
-    @property
-    def channels(self) -> int:
-        return model_module(self.image_size).IMAGE_SHAPE[0]
-
-
-class ConfigError(ValueError):
-    """A configuration value that makes no sense, or a resume that does not match its run."""
+from checkpoint import CheckpointError, checkpoint_files, read_config
+from config import ARMS, LOSSES, RECIPES, ConfigError, TrainConfig, add_flags, arm_folder, field_overrides, resumed_config
+from distributed import any_process, mean_over_processes
+from ema import update_ema
+from state import TrainState, build_state
+from utils import precision_name
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the last good checkpoint is left as it was."""
-
-
-# The recipe of the original project (https://github.com/franknb/Self-attention-DCGAN), one switch away.
-PRESETS = {
-    "default": {},
-    "original": dict(g_lr=1e-4, d_lr=4e-4, beta1=0.0, beta2=0.9, batch_size=64, loss="hinge", d_steps=1, z_dim=100,
-                     conv_dim=64, attn_variant="original", g_attn_sizes=None, d_attn_sizes=None, spectral_norm=True,
-                     init="default", augment="", r1_weight=0.0, reuse_fakes=False, ema_decay=0.0, ema_start=0,
-                     ema_rampup=0.0, lr_decay=0.0),
-}
-
-# Fields a resumed run may change; every other field must match the run's config.json.
-RESUMABLE_OVERRIDES = {"steps", "minutes", "clock", "device", "precision", "channels_last", "compile", "threads",
-                       "num_workers", "sync_bn", "sample_every", "log_every", "checkpoint_every", "checkpoint_minutes",
-                       "eval_every", "eval_minutes", "eval_n", "quiet", "data_root", "out"}
-
-
-def complete_config(saved: dict) -> dict:
-    """A run's config.json with the fields it predates filled in as that run trained: a field added later
-    takes the original recipe's value where that preset sets it (the behaviour before the field existed),
-    otherwise its default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return defaults | PRESETS["original"] | saved
-
-
-def check_resumable(saved: dict, config: TrainConfig) -> None:
-    """Refuse to resume with settings that would make a different run."""
-    wanted = dataclasses.asdict(config)
-    saved = dataclasses.asdict(TrainConfig(**complete_config(saved)))  # as the run trained, lists read as tuples
-    clashes = [f"{name}: run has {saved[name]!r}, asked for {wanted[name]!r}"
-               for name in wanted if name not in RESUMABLE_OVERRIDES and saved[name] != wanted[name]]
-    if clashes:
-        raise ConfigError("Cannot resume: these settings differ from the run's config.json (start a new run instead):\n  "
-                          + "\n  ".join(clashes))
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -260,137 +85,6 @@ def _input_gradient(D: nn.Module, images: torch.Tensor, labels: torch.Tensor | N
     return grad
 
 
-# ---------------------------------------------------------------------------------------------- state
-
-@dataclass
-class TrainState:
-    """Everything a training step touches; all of it goes into a checkpoint (rundir.state_dict)."""
-
-    config: TrainConfig
-    device: torch.device
-    G: nn.Module
-    D: nn.Module
-    G_ema: nn.Module | None
-    opt_G: torch.optim.Optimizer
-    opt_D: torch.optim.Optimizer
-    scaler_G: torch.amp.GradScaler
-    scaler_D: torch.amp.GradScaler
-    loader: data.EndlessLoader
-    noise: torch.Generator  # CPU generator for z, labels, augmentation and GP mixing: the same numbers on every device
-    amp_dtype: torch.dtype | None
-    job: Job = Job()
-    # How the steps call G and D (compiled when asked). X_updating is the one pass whose backward updates X: under
-    # torchrun it goes through X's DDP wrapper, which averages X's gradients over processes. Every other pass
-    # (X_plain: G under no_grad in D's update, a frozen D in G's update) must not, so it calls X itself.
-    G_updating: Callable = None
-    G_plain: Callable = None
-    D_updating: Callable = None
-    D_plain: Callable = None
-    step: int = 0
-    wall_time: float = 0.0  # seconds of training so far, summed over every process that resumed the run
-    cpu_time: float = 0.0  # CPU seconds of this process (rank 0's in a checkpoint) spent training, likewise
-    ema_stale: bool = False  # G_ema's weights moved since its BatchNorm statistics were last computed
-
-    def __post_init__(self):
-        # `is None`, not truthiness: a compiled module has no __len__ to answer bool().
-        self.G_plain = self.G if self.G_plain is None else self.G_plain
-        self.D_plain = self.D if self.D_plain is None else self.D_plain
-        self.G_updating = self.G_plain if self.G_updating is None else self.G_updating
-        self.D_updating = self.D_plain if self.D_updating is None else self.D_updating
-
-    def autocast(self):
-        return nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        """Of G, D and the real batches."""
-        return memory_format_for(self.device, self.config.channels_last)
-
-    def next_real(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A batch of real images and, in a conditional run, their labels."""
-        images, labels = next(self.loader) if self.config.conditional else (next(self.loader), None)
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        return images, None if labels is None else labels.to(self.device, non_blocking=True)
-
-    def sample_z(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.config.z_dim, generator=self.noise).to(self.device, non_blocking=True)
-
-    def sample_labels(self, n: int) -> torch.Tensor | None:
-        """Uniformly drawn classes for n fakes of a conditional run; None otherwise."""
-        if not self.config.conditional:
-            return None
-        return torch.randint(self.config.num_classes, (n,), generator=self.noise).to(self.device, non_blocking=True)
-
-    def augment(self, images: torch.Tensor) -> torch.Tensor:
-        """What D sees of any image: the DiffAugment policy applied, or the images as they are."""
-        return diff_augment(images, self.config.augment, self.noise) if self.config.augment else images
-
-    def sampler(self) -> nn.Module:
-        """The generator that samples and is evaluated: the EMA one, with fresh BatchNorm statistics, if kept."""
-        if self.G_ema is None:
-            return self.G
-        if self.ema_stale:
-            standing_statistics(self.G_ema, self.generator_inputs)
-            self.ema_stale = False
-        return self.G_ema
-
-    def generator_inputs(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """G's inputs (z, labels) for n samples drawn from `generator`, with equal shares of the classes."""
-        labels = self.G.balanced_labels(n)
-        z = torch.randn(n, self.config.z_dim, generator=generator).to(self.device)
-        return z, None if labels is None else labels.to(self.device)
-
-    def training_seconds(self) -> float:
-        """Training time by the clock the config's budgets count (wall or CPU)."""
-        return self.cpu_time if self.config.clock == "cpu" else self.wall_time
-
-
-def build_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
-    """G and D for the config, seeded so that both arms of a comparison start alike."""
-    torch.manual_seed(config.seed)
-    module = model_module(config.image_size)
-    G = module.Generator(**generator_kwargs(dataclasses.asdict(config)))
-    D = module.Discriminator(attn=config.attn, conv_dim=config.conv_dim, spectral_norm=config.spectral_norm,
-                             attn_variant=config.attn_variant, attn_sizes=config.d_attn_sizes,
-                             num_classes=config.num_classes)
-    initialise(G, config.init)
-    initialise(D, config.init)
-    return G, D
-
-
-def build_state(config: TrainConfig, dataset: Dataset, device: torch.device, job: Job = Job()) -> TrainState:
-    """Fresh models, optimizers and loader for `config` on `device` (this process's share under torchrun)."""
-    G, D = build_models(config)
-    if config.sync_bn and job.enabled:
-        if device.type != "cuda":
-            raise ConfigError("sync_bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; drop --sync-bn")
-        G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
-    memory_format = memory_format_for(device, config.channels_last)
-    G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
-    G_ema = None
-    if config.ema_decay > 0:
-        G_ema = build_models(config)[0].to(device, memory_format=memory_format).eval().requires_grad_(False)
-        G_ema.load_state_dict(G.state_dict())
-    amp_dtype = autocast_dtype(config.precision, device)
-    workers = config.num_workers if config.num_workers >= 0 else \
-        4 if device.type == "cuda" and not isinstance(dataset, data.TensorImages) else 0
-    state = TrainState(
-        config=config, device=device, G=G, D=D, G_ema=G_ema,
-        opt_G=torch.optim.Adam(G.parameters(), config.g_lr, betas=(config.beta1, config.beta2)),
-        opt_D=torch.optim.Adam(D.parameters(), config.d_lr, betas=(config.beta1, config.beta2)),
-        scaler_G=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        scaler_D=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        loader=data.EndlessLoader(dataset, config.batch_size, seed=config.seed, rank=job.rank, world_size=job.world_size,
-                                  num_workers=workers, pin_memory=device.type == "cuda", labels=config.conditional),
-        noise=torch.Generator().manual_seed(noise_seed(config.seed, job.rank)), amp_dtype=amp_dtype, job=job,
-    )
-    maybe_compile = torch.compile if config.compile else (lambda module: module)
-    state.G_plain, state.D_plain = maybe_compile(G), maybe_compile(D)
-    state.G_updating = maybe_compile(distributed.synced(G, job, device)) if job.enabled else state.G_plain
-    state.D_updating = maybe_compile(distributed.synced(D, job, device)) if job.enabled else state.D_plain
-    return state
-
-
 # ---------------------------------------------------------------------------------------------- one step
 
 Fakes = tuple[torch.Tensor, torch.Tensor | None]  # generated images and, in a conditional run, their labels
@@ -403,12 +97,12 @@ def discriminator_step(state: TrainState, fakes: Fakes | None = None) -> dict[st
     if fakes is None:
         with torch.no_grad(), state.autocast():  # no graph through G: D's loss never reaches it
             fake_labels = state.sample_labels(real.shape[0])
-            fakes = state.G_plain(state.sample_z(real.shape[0]), fake_labels), fake_labels
+            fakes = state.G(state.sample_z(real.shape[0]), fake_labels), fake_labels
     fake, fake_labels = fakes[0].detach(), fakes[1]
     labels = None if real_labels is None else torch.cat([real_labels, fake_labels])
     with state.autocast():
         # D has no batch statistics, so one pass over real and fake equals two (and runs one power iteration).
-        d_real, d_fake = state.D_updating(state.augment(torch.cat([real, fake])), labels).float().chunk(2)
+        d_real, d_fake = state.D_synced(state.augment(torch.cat([real, fake])), labels).float().chunk(2)
         loss = discriminator_loss(config.loss, d_real, d_fake)
     if config.loss == "wgan-gp":
         loss = loss + config.gp_weight * gradient_penalty(D, real, fake, state.noise, real_labels)
@@ -425,7 +119,7 @@ def fakes_for_G(state: TrainState) -> Fakes:
     """A batch from fresh noise with G's graph kept, for G's update."""
     with state.autocast():
         labels = state.sample_labels(state.config.batch_size)
-        return state.G_updating(state.sample_z(state.config.batch_size), labels), labels
+        return state.G_synced(state.sample_z(state.config.batch_size), labels), labels
 
 
 def generator_step(state: TrainState, fakes: Fakes | None = None) -> dict[str, torch.Tensor]:
@@ -436,7 +130,7 @@ def generator_step(state: TrainState, fakes: Fakes | None = None) -> dict[str, t
     D.eval().requires_grad_(False)  # eval: spectral norm reuses its vectors; no grads: no wasted weight gradients
     try:
         with state.autocast():
-            loss = generator_loss(state.config.loss, state.D_plain(state.augment(fake), labels).float())
+            loss = generator_loss(state.config.loss, state.D(state.augment(fake), labels).float())
         state.opt_G.zero_grad(set_to_none=True)
         state.scaler_G.scale(loss).backward()
         state.scaler_G.step(state.opt_G)
@@ -595,7 +289,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     if not resume and checkpoint_files(run_dir):
         raise ConfigError(f"{run_dir} already holds a run: resume it (--resume {run_dir}) or choose another --out")
     state = build_state(config, dataset, device, job)
-    grid_inputs = rundir.open_run(state, run_dir, resume, check_resumable)
+    grid_inputs = rundir.open_run(state, run_dir, resume)
     scorer = training_scorer(config, device) if job.is_main else None
     log = rundir.RunLog(run_dir, log_columns(state, scorer), state.step) if job.is_main else None
     if job.is_main:
@@ -700,7 +394,7 @@ def closing(*closables):
 def progress_bar(config: TrainConfig, start: int, precision: str, disable: bool):
     from tqdm.auto import tqdm
 
-    arm = "SAGAN" if config.attn else "baseline"
+    arm = ARMS["sagan" if config.attn else "baseline"].label
     return tqdm(total=config.steps, initial=start, disable=disable, desc=f"{arm} {config.dataset} {precision}",
                 unit="step", dynamic_ncols=True)
 
@@ -714,57 +408,53 @@ def postfix(row: dict) -> dict[str, str]:
     return shown
 
 
-def compare(config: TrainConfig, **kwargs) -> dict[str, Path]:
-    """Train the attention model and its baseline with the same seed, data order and fixed noise.
+def compare(config: TrainConfig, arms: tuple[str, ...] = tuple(ARMS), **kwargs) -> dict[str, Path]:
+    """Train each arm (default: the baseline, then SAGAN) with the same seed, data order and fixed noise.
 
-    Run directories: <out>/without_attention and <out>/with_attention; an arm that already has a
-    checkpoint is resumed, so calling compare again continues both. kwargs go to train().
+    Run directories: <out>/baseline and <out>/sagan. An arm that already has a checkpoint is resumed, so calling
+    compare again continues the runs (with a higher `steps`, trains them longer). kwargs go to train().
     """
     root = Path(config.out) if config.out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.dataset}-compare"
-    return {name: train_or_resume(dataclasses.replace(config, attn=attn, out=str(root / name)), **kwargs)
-            for name, attn in (("without_attention", False), ("with_attention", True))}
-
-
-def train_or_resume(config: TrainConfig, **kwargs) -> Path:
-    """train(config), resuming config.out when it already holds a checkpoint, so calling it again continues the run."""
-    return train(config, resume=config.out is not None and bool(checkpoint_files(config.out)), **kwargs)
+    runs = {}
+    for arm in arms:
+        out = arm_folder(root, arm)
+        runs[arm] = train(dataclasses.replace(config, attn=ARMS[arm].attn, out=str(out)),
+                          resume=bool(checkpoint_files(out)), **kwargs)
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
-    """Flags for every TrainConfig field (only those given are returned), plus --resume, --compare and --preset."""
+    """Flags for every TrainConfig field (only those given are returned), plus --resume, --compare and --recipe."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # `X | None` -> X
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"])
-        elif typing.get_origin(kind) is tuple:  # tuple[int, ...]: --g-attn-sizes 7 14
-            parser.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", default=argparse.SUPPRESS,
-                                metavar="SIZE", help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                help=f"{f.metadata['help']} (default: {f.default})")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
-    parser.add_argument("--compare", action="store_true", help="train the attention model and its baseline, same seed")
-    parser.add_argument("--preset", choices=PRESETS, default="default",
-                        help="start from these defaults; other flags override them ('original': the original project's recipe)")
+    add_flags(parser)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run (with --compare: both arms) from its "
+                                                            "latest checkpoint")
+    parser.add_argument("--compare", action="store_true", help="train the baseline and SAGAN, same seed, data and noise")
+    parser.add_argument("--recipe", "--preset", default="default", metavar="RECIPE",
+                        help="start from this recipe; other flags override it: 'default', 'original' (the original "
+                             f"project's) or changes joined by '+' ({', '.join(list(RECIPES)[2:])})")
     args = parser.parse_args(argv)
-    extras = argparse.Namespace(**{name: args.__dict__.pop(name) for name in ("resume", "compare", "preset")})
-    return vars(args), extras
+    return field_overrides(args), argparse.Namespace(resume=args.resume, compare=args.compare, recipe=args.recipe)
 
 
 def config_from_args(overrides: dict, extras: argparse.Namespace) -> TrainConfig:
     """A new run's config from the flags, or a resumed run's config.json with the flags that may change."""
     if not extras.resume:
-        return TrainConfig.from_preset(extras.preset, **overrides)
-    if extras.preset != "default":
-        raise ConfigError("--preset sets up a new run; a resumed run keeps the settings in its config.json")
-    saved = read_config(Path(extras.resume) / "with_attention" if extras.compare else extras.resume)
-    config = TrainConfig(**{**complete_config(saved), **overrides, "out": extras.resume})
-    check_resumable(saved, config)
-    return config
+        return TrainConfig.from_recipe(extras.recipe, **overrides)
+    if extras.recipe != "default":
+        raise ConfigError("--recipe sets up a new run; a resumed run keeps the settings in its config.json")
+    saved = read_config(resumed_run(Path(extras.resume)) if extras.compare else extras.resume)
+    return resumed_config(saved, **{**overrides, "out": extras.resume})
+
+
+def resumed_run(root: Path) -> Path:
+    """One arm's run folder under a comparison folder (its settings are both arms' but attn)."""
+    for arm in ARMS:
+        if (arm_folder(root, arm) / "config.json").is_file():
+            return arm_folder(root, arm)
+    raise FileNotFoundError(f"{root} holds no arm of a comparison ({', '.join(ARMS)}): is it a folder written by --compare?")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -772,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(overrides, extras)
         if extras.compare:
-            message = "\n".join(f"{name}: {path}" for name, path in compare(config).items())
+            message = "\n".join(f"{arm}: {path}" for arm, path in compare(config).items())
         else:
             message = f"run directory: {train(config, resume=bool(extras.resume))}"
         if distributed.is_main_process():

@@ -53,7 +53,8 @@ config = train.TrainConfig(dataset="synthetic", image_size=28, synthetic_size=64
                            log_every=1, quiet=True, device="cpu", reuse_fakes={reuse_fakes}, out={str(tmp_path / "run")!r})
 job, device = train.distributed.join("cpu")
 dataset = train.data.load_dataset("synthetic", image_size=28, channels=1, size=64)
-state = train.build_state(config, dataset, device, job)
+import state as state_module
+state = state_module.build_state(config, dataset, device, job)
 for _ in range(config.steps):
     train.train_step(state)
 torch.save({{"G": state.G.state_dict(), "D": state.D.state_dict(), "z": state.sample_z(4)}}, {str(tmp_path)!r} + f"/rank{{rank}}.pt")

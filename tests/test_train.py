@@ -15,7 +15,11 @@ from torch.utils.data import TensorDataset
 
 import train
 from checkpoint import atomic_save, load_checkpoint, load_generator
-from train import ConfigError, NonFiniteLossError, TrainConfig
+from config import ConfigError, TrainConfig, check_resumable, complete_config
+from ema import standing_statistics
+from models import build_models
+from state import build_state
+from train import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +58,7 @@ def test_gradient_penalty_of_a_linear_critic():
 def _state(tmp_path, **overrides):
     config = tiny(tmp_path, **overrides)
     dataset = train.data.load_dataset("synthetic", image_size=28, channels=1, size=64)
-    return train.build_state(config, dataset, torch.device("cpu"))
+    return build_state(config, dataset, torch.device("cpu"))
 
 
 def _snapshot(module):
@@ -84,9 +88,10 @@ def test_discriminator_step_does_not_touch_G_weights(tmp_path):
 
 
 def test_compile_covers_every_pass_of_G_and_D(tmp_path):
-    state = _state(tmp_path, compile=True)  # torch.compile wraps lazily: nothing is compiled here
-    passes = (state.G_plain, state.G_updating, state.D_plain, state.D_updating)
-    assert all(isinstance(p, torch._dynamo.eval_frame.OptimizedModule) for p in passes)
+    state = _state(tmp_path, compile=True)  # compiled in place, lazily: nothing is compiled here
+    assert state.G._compiled_call_impl is not None and state.D._compiled_call_impl is not None
+    assert state.G_synced is state.G and state.D_synced is state.D  # every pass calls the compiled networks
+    assert "net.0.bias" in state.G.state_dict(), "state dict keys are the uncompiled ones"
 
 
 def test_channels_last_is_the_cpu_default_and_trains_as_contiguous_does(tmp_path):
@@ -167,9 +172,9 @@ def test_resume_refuses_a_different_run_and_fresh_runs_refuse_to_overwrite(tmp_p
 def test_resume_reads_a_field_missing_from_an_older_run_as_its_default(tmp_path):
     config = tiny(tmp_path)
     older_run = {k: v for k, v in dataclasses.asdict(config).items() if k != "reuse_fakes"}
-    train.check_resumable(older_run, config)
+    check_resumable(older_run, config)
     with pytest.raises(ConfigError, match="reuse_fakes: run has False, asked for True"):
-        train.check_resumable(older_run, dataclasses.replace(config, reuse_fakes=True))
+        check_resumable(older_run, dataclasses.replace(config, reuse_fakes=True))
 
 
 @pytest.mark.parametrize("field, value", [
@@ -224,7 +229,7 @@ def test_wgan_gp_trains_through_attention_with_double_backward(tmp_path):
 @pytest.mark.slow
 def test_compare_gives_both_arms_the_same_fixed_noise_and_data_order(tmp_path):
     runs = train.compare(tiny(tmp_path, "cmp", steps=2))
-    with_attn, without = runs["with_attention"], runs["without_attention"]
+    with_attn, without = runs["sagan"], runs["baseline"]
     assert torch.equal(torch.load(with_attn / "fixed_z.pt"), torch.load(without / "fixed_z.pt"))
     assert load_checkpoint(with_attn)["loader"] == load_checkpoint(without)["loader"]
     assert json.loads((with_attn / "config.json").read_text())["attn"] is True
@@ -352,7 +357,7 @@ def test_the_ema_sampler_gets_batchnorm_statistics_of_its_own_weights(tmp_path):
     ema_mean = [m.running_mean for m in state.G_ema.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(not torch.equal(a, b) for a, b in zip(G_mean, ema_mean)), "not the live G's statistics"
     expected = {k: v.clone() for k, v in state.G_ema.state_dict().items()}
-    train.standing_statistics(state.G_ema, state.generator_inputs)
+    standing_statistics(state.G_ema, state.generator_inputs)
     assert all(torch.equal(v, state.G_ema.state_dict()[k]) for k, v in expected.items())
 
 
@@ -371,7 +376,7 @@ def test_a_time_budget_stops_the_run_and_evaluates_at_each_multiple_of_eval_minu
     # metrics.csv rounds wall_time to 0.01 s: a row that close to a multiple may have crossed it or not
     unsure = {i for i in range(len(rows)) for j in (i, i - 1) if j >= 0 and abs(wall[j] / period - round(wall[j] / period)) * period < 0.006}
     assert evaluated - unsure == (crossing | {len(rows) - 1}) - unsure, "each step that crosses a multiple, and the last"
-    assert len(evaluated) >= 4
+    assert len(evaluated) >= 2, "at least one multiple crossed before the last step"  # more when steps are fast
     assert all(rows[i]["ema_classifier_fid"] for i in evaluated)
     checkpoint = load_checkpoint(run_dir)
     assert checkpoint["step"] == int(rows[-1]["step"]) and checkpoint[f"{clock}_time"] == pytest.approx(wall[-1], abs=0.01)
@@ -403,14 +408,14 @@ def test_due_by_steps_whatever_the_time(step, every_steps, expected):
 
 
 def test_the_original_preset_is_the_original_projects_recipe():
-    original = TrainConfig.from_preset("original")
+    original = TrainConfig.from_recipe("original")
     # From the original project (../shared/docs/architecture.md): hinge loss, Adam G 1e-4 / D 4e-4, betas 0 and 0.9,
     # batch 64, z of 100, attention in G at 14x14 and in D at 3x3 (28x28), spectral norm, plain training.
     expected = dict(loss="hinge", g_lr=1e-4, d_lr=4e-4, beta1=0.0, beta2=0.9, batch_size=64, z_dim=100, conv_dim=64,
                     d_steps=1, spectral_norm=True, attn_variant="original", ema_decay=0.0, reuse_fakes=False,
                     augment="", r1_weight=0.0, init="default", sample_every=100)
     assert {name: getattr(original, name) for name in expected} == expected
-    G, D = train.build_models(original)
+    G, D = build_models(dataclasses.asdict(original))
     assert len(G.attention_gammas()) == len(D.attention_gammas()) == 1
     assert G.attn_sizes == (14,) and D.attn_sizes == (3,)
     overrides, extras = train.parse_args(["--preset", "original", "--g-lr", "3e-4"])
@@ -424,14 +429,14 @@ def test_the_original_preset_is_the_original_projects_recipe():
 
 def test_an_old_run_resumes_with_the_settings_it_trained_with(tmp_path):
     """A config.json written before the recipe fields existed (as the published runs' are)."""
-    old = {k: v for k, v in dataclasses.asdict(TrainConfig.from_preset("original", **TINY, out=str(tmp_path))).items()
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig.from_recipe("original", **TINY, out=str(tmp_path))).items()
            if k not in ("reuse_fakes", "ema_start", "augment", "r1_weight", "r1_every", "init", "g_attn_sizes",
                         "d_attn_sizes", "minutes", "eval_minutes", "checkpoint_minutes")}
-    completed = train.complete_config(old)
+    completed = complete_config(old)
     assert completed["augment"] == "" and completed["r1_weight"] == 0 and completed["reuse_fakes"] is False
     config = TrainConfig(**completed)
-    train.check_resumable(old, config)
-    assert train.build_models(config)[1].attn_sizes == (3,)
+    check_resumable(old, config)
+    assert build_models(dataclasses.asdict(config))[1].attn_sizes == (3,)
 
 
 def test_attention_sizes_are_flags_and_survive_config_json(tmp_path):
@@ -440,8 +445,8 @@ def test_attention_sizes_are_flags_and_survive_config_json(tmp_path):
     assert config.d_attn_sizes == (7,) and config.g_attn_sizes == (7, 14)
     reread = TrainConfig(**json.loads(json.dumps(dataclasses.asdict(config))))
     assert reread == config
-    train.check_resumable(json.loads(json.dumps(dataclasses.asdict(config))), config)
-    G, D = train.build_models(dataclasses.replace(config, image_size=28))
+    check_resumable(json.loads(json.dumps(dataclasses.asdict(config))), config)
+    G, D = build_models(dataclasses.asdict(dataclasses.replace(config, image_size=28)))
     assert len(G.attention_gammas()) == 2 and D.attn_sizes == (7,)
 
 
@@ -521,7 +526,7 @@ def test_a_conditional_run_resumes_bitwise_and_lays_its_grid_out_one_row_per_cla
 
 
 def test_the_conditional_step_feeds_D_the_real_labels_and_G_the_drawn_ones(tmp_path):
-    state = train.build_state(tiny(tmp_path, dataset="mnist-5k", conditional=True, num_classes=10),
+    state = build_state(tiny(tmp_path, dataset="mnist-5k", conditional=True, num_classes=10),
                               train.data.load_dataset("mnist-5k", image_size=28, channels=1), torch.device("cpu"))
     seen = []
     state.D.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
