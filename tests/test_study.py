@@ -1,7 +1,12 @@
-"""study.py's summaries: spreads over seeds, evaluation ticks every seed reached, milestones, and the plots."""
+"""study.py: recipes and plans, spreads over seeds, evaluation ticks every seed reached, milestones, and the plots."""
+import json
+
+import pytest
 from PIL import Image
 
+import pictures
 import study
+from config import ConfigError, TrainConfig
 
 
 def _run(seed: int, fids: list[float], ema: bool = False, milestone_fid: float | None = None) -> dict:
@@ -22,22 +27,60 @@ def test_spread_is_median_min_max_of_the_values_that_exist():
 def test_a_group_keeps_only_ticks_every_seed_reached_and_milestones_every_seed_has():
     runs = [_run(0, [900.0, 500.0, 300.0], milestone_fid=480.0), _run(1, [800.0, 700.0], milestone_fid=650.0),
             _run(2, [1000.0, 400.0, 200.0], milestone_fid=390.0)]
-    group = study.summarise_group(runs, eval_minutes=1.0)
+    group = study.summarise_group(runs, period=1.0)
     assert group["seeds"] == [0, 1, 2]
     assert [point["fid"]["median"] for point in group["curve"]] == [900.0, 500.0], "minute 3: seed 1 never got there"
     assert group["curve"][1]["fid"]["min"] == 400.0 and group["curve"][1]["fid"]["max"] == 700.0
     assert group["milestones"]["2"]["fid"] == {"median": 480.0, "min": 390.0, "max": 650.0, "n": 3}
     assert group["cpu_share"]["median"] == 0.5
     runs[1]["record"]["milestones"] = {}
-    assert study.summarise_group(runs, eval_minutes=1.0)["milestones"] == {}, "a milestone one seed lacks is left out"
+    assert study.summarise_group(runs, period=1.0)["milestones"] == {}, "a milestone one seed lacks is left out"
 
 
 def test_plots_have_an_ema_panel_only_where_a_run_kept_an_ema(tmp_path):
     summary = {"groups": {"default/sagan": study.summarise_group([_run(0, [900.0, 500.0]), _run(1, [800.0, 400.0])], 1.0)}}
-    study.plot(summary, tmp_path)
-    one_panel = Image.open(tmp_path / "fid_vs_minutes.png").size
+    pictures.plot_fid(summary, "minutes", tmp_path / "one.png")
+    one_panel = Image.open(tmp_path / "one.png").size
     summary["groups"]["default/baseline"] = study.summarise_group([_run(0, [700.0, 300.0], ema=True)], 1.0)
-    study.plot(summary, tmp_path)
-    two_panels = Image.open(tmp_path / "fid_vs_minutes.png").size
+    figure = pictures.plot_fid(summary, "images", tmp_path / "two.png")
+    two_panels = Image.open(tmp_path / "two.png").size
     assert two_panels[0] == 2 * one_panel[0] and two_panels[1] == one_panel[1]
-    assert (tmp_path / "fid_vs_images.png").is_file()
+    lines = {line.get_label(): line.get_color() for line in figure.axes[0].get_lines()}
+    assert lines == {"SAGAN (2 seeds)": pictures.ARM_COLOURS["sagan"], "baseline (no attention) (1 seed)":
+                     pictures.ARM_COLOURS["baseline"]}, "one recipe: each arm in its own colour, under its own name"
+
+
+def test_a_group_of_a_step_budget_ticks_by_steps():
+    runs = [_run(0, [900.0, 500.0, 300.0]), _run(1, [800.0, 700.0, 600.0])]
+    group = study.summarise_group(runs, period=100, unit="steps")  # evaluations at steps 100, 200, 300
+    assert [point["step"]["median"] for point in group["curve"]] == [100, 200, 300]
+    assert [point["fid"]["median"] for point in group["curve"]] == [850.0, 600.0, 450.0]
+
+
+def test_a_plan_builds_each_runs_config_from_its_recipe_and_arm_and_resumes_with_the_legs_budget(tmp_path):
+    plan = study.Plan(dataset="mnist-5k", unit="minutes", budget=30, milestones=(10,), eval_period=1.0, eval_n=500,
+                      threads=1, overrides={"sample_every": 50})
+    assert plan.legs() == [10, 30]
+    run = study.Run("reuse-fakes+betas-0.5", "baseline", 2, tmp_path)
+    config = plan.config(run, 10)
+    assert (config.reuse_fakes, config.beta1, config.beta2, config.attn, config.seed) == (True, 0.5, 0.999, False, 2)
+    assert (config.minutes, config.clock, config.eval_minutes, config.sample_every) == (10, "cpu", 1.0, 50)
+    assert config.out == str(tmp_path / "reuse-fakes+betas-0.5" / "baseline-seed2")
+    # once the run has a checkpoint, a later leg resumes its config.json with the new budget only
+    run.folder.mkdir(parents=True)
+    (run.folder / "checkpoints").mkdir()
+    (run.folder / "checkpoints" / "latest.pt").write_bytes(b"")
+    saved = json.loads(json.dumps(__import__("dataclasses").asdict(config)))
+    (run.folder / "config.json").write_text(json.dumps(saved | {"sample_every": 7}))
+    later = plan.config(run, 30)
+    assert later.minutes == 30 and later.sample_every == 7 and later.reuse_fakes is True
+
+
+def test_recipe_names_combine_changes_and_refuse_unknown_or_misplaced_ones():
+    config = TrainConfig.from_recipe("original+reuse-fakes+lr-2e-4")
+    assert (config.reuse_fakes, config.g_lr, config.d_lr, config.beta2) == (True, 2e-4, 2e-4, 0.9)
+    with pytest.raises(ConfigError, match="unknown recipe 'fast'"):
+        TrainConfig.from_recipe("default+fast")
+    with pytest.raises(ConfigError, match="'original' is a whole recipe"):
+        TrainConfig.from_recipe("reuse-fakes+original")
+    assert study.train_overrides(["--sample-every", "50", "--no-attn"]) == {"sample_every": 50, "attn": False}
