@@ -289,3 +289,28 @@ def with_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
     if unknown:
         raise ConfigError(f"TrainConfig has no field {', '.join(map(repr, unknown))}; its fields are: {', '.join(sorted(names))}")
     return dataclasses.replace(config, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------- notebooks
+
+IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit"}  # what a kernel's namespace holds before any cell runs
+
+
+def notebook_config(namespace: dict, notebook_settings: tuple[str, ...]) -> tuple[TrainConfig, dict]:
+    """The run config and the notebook's own settings from a notebook's parameters cell (and what papermill -p
+    injected after it): `recipe` picks the recipe, a TrainConfig field set to anything but None overrides it, the
+    names in notebook_settings are returned apart, and any other name is a ConfigError naming it.
+
+    Call it before the notebook defines anything else: it reads every plain value in `namespace` (globals())."""
+    values = {name: value for name, value in namespace.items()
+              if not name.startswith("_") and name not in IPYTHON_NAMES and not callable(value)
+              and type(value).__name__ != "module"}
+    recipe = values.pop("recipe", "default")
+    settings = {name: values.pop(name) for name in notebook_settings if name in values}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"unknown setting {', '.join(map(repr, unknown))} in the parameters cell: neither a TrainConfig "
+                          f"field (python train.py --help lists them) nor one of this notebook's "
+                          f"({', '.join(notebook_settings)})")
+    return TrainConfig.from_recipe(recipe, **{name: value for name, value in values.items() if value is not None}), settings

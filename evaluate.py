@@ -32,8 +32,6 @@ import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torchvision.transforms import functional as TF
 
 import checkpoint
 import data

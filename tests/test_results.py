@@ -30,7 +30,7 @@ def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_pa
     for name in ("comparison_mnist.gif", "curves_mnist.png", "fid_mnist.png", "final_mnist.png", "attention_mnist.png",
                  "conditional_mnist.png", "results_mnist.md", "results_mnist.json"):
         assert (demo / name).stat().st_size > 0, name
-    assert Image.open(demo / "conditional_mnist.png").size == (2 + 8 * 30, 2 + 10 * 30)
+    assert Image.open(demo / "conditional_mnist.png").height == 2 + 10 * 30  # a row per digit, labelled
 
     table = (demo / "results_mnist.md").read_text()
     for row in ("| SAGAN | 1 |", "| baseline (no attention) | 1 |", "| SAGAN, class-conditional | 1 |",

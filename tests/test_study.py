@@ -1,12 +1,10 @@
 """study.py: recipes and plans, spreads over seeds, evaluation ticks every seed reached, milestones, and the plots."""
 import json
 
-import pytest
 from PIL import Image
 
 import pictures
 import study
-from config import ConfigError, TrainConfig
 
 
 def _run(seed: int, fids: list[float], ema: bool = False, milestone_fid: float | None = None) -> dict:
@@ -74,13 +72,3 @@ def test_a_plan_builds_each_runs_config_from_its_recipe_and_arm_and_resumes_with
     (run.folder / "config.json").write_text(json.dumps(saved | {"sample_every": 7}))
     later = plan.config(run, 30)
     assert later.minutes == 30 and later.sample_every == 7 and later.reuse_fakes is True
-
-
-def test_recipe_names_combine_changes_and_refuse_unknown_or_misplaced_ones():
-    config = TrainConfig.from_recipe("original+reuse-fakes+lr-2e-4")
-    assert (config.reuse_fakes, config.g_lr, config.d_lr, config.beta2) == (True, 2e-4, 2e-4, 0.9)
-    with pytest.raises(ConfigError, match="unknown recipe 'fast'"):
-        TrainConfig.from_recipe("default+fast")
-    with pytest.raises(ConfigError, match="'original' is a whole recipe"):
-        TrainConfig.from_recipe("reuse-fakes+original")
-    assert study.train_overrides(["--sample-every", "50", "--no-attn"]) == {"sample_every": 50, "attn": False}

@@ -1,0 +1,97 @@
+"""config.py: the recipes and their names, validation, resume rules, flags and notebook parameters."""
+import dataclasses
+import json
+
+import pytest
+
+import config as config_module
+import study
+import train
+from config import ConfigError, TrainConfig, check_resumable, complete_config
+from models import build_models
+
+# Small and quick: the 28x28 model at a quarter of its width on the synthetic set.
+TINY = dict(dataset="synthetic", image_size=28, synthetic_size=64, conv_dim=16, batch_size=8, steps=6,
+            sample_every=3, log_every=1, checkpoint_every=3, quiet=True, device="cpu")
+
+
+def test_the_original_preset_is_the_original_projects_recipe():
+    original = TrainConfig.from_recipe("original")
+    # From the original project (../shared/docs/architecture.md): hinge loss, Adam G 1e-4 / D 4e-4, betas 0 and 0.9,
+    # batch 64, z of 100, attention in G at 14x14 and in D at 3x3 (28x28), spectral norm, plain training.
+    expected = dict(loss="hinge", g_lr=1e-4, d_lr=4e-4, beta1=0.0, beta2=0.9, batch_size=64, z_dim=100, conv_dim=64,
+                    d_steps=1, spectral_norm=True, attn_variant="original", ema_decay=0.0, reuse_fakes=False,
+                    augment="", r1_weight=0.0, init="default", sample_every=100)
+    assert {name: getattr(original, name) for name in expected} == expected
+    G, D = build_models(dataclasses.asdict(original))
+    assert len(G.attention_gammas()) == len(D.attention_gammas()) == 1
+    assert G.attn_sizes == (14,) and D.attn_sizes == (3,)
+    overrides, extras = train.parse_args(["--preset", "original", "--g-lr", "3e-4"])
+    config = train.config_from_args(overrides, extras)
+    assert config.g_lr == 3e-4 and config.d_lr == 4e-4 and config.beta2 == 0.9
+    # the default recipe is the original one with equal learning rates, nothing else
+    default = TrainConfig()
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(default, f.name) != getattr(original, f.name)}
+    assert changed == {"g_lr", "d_lr"} and default.g_lr == default.d_lr == 2e-4
+
+
+def test_an_old_run_resumes_with_the_settings_it_trained_with(tmp_path):
+    """A config.json written before the recipe fields existed (as the published runs' are)."""
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig.from_recipe("original", **TINY, out=str(tmp_path))).items()
+           if k not in ("reuse_fakes", "ema_start", "augment", "r1_weight", "r1_every", "init", "g_attn_sizes",
+                        "d_attn_sizes", "minutes", "eval_minutes", "checkpoint_minutes")}
+    completed = complete_config(old)
+    assert completed["augment"] == "" and completed["r1_weight"] == 0 and completed["reuse_fakes"] is False
+    config = TrainConfig(**completed)
+    check_resumable(old, config)
+    assert build_models(dataclasses.asdict(config))[1].attn_sizes == (3,)
+
+
+def test_attention_sizes_are_flags_and_survive_config_json(tmp_path):
+    overrides, extras = train.parse_args(["--d-attn-sizes", "7", "--g-attn-sizes", "7", "14"])
+    config = train.config_from_args(overrides, extras)
+    assert config.d_attn_sizes == (7,) and config.g_attn_sizes == (7, 14)
+    reread = TrainConfig(**json.loads(json.dumps(dataclasses.asdict(config))))
+    assert reread == config
+    check_resumable(json.loads(json.dumps(dataclasses.asdict(config))), config)
+    G, D = build_models(dataclasses.asdict(dataclasses.replace(config, image_size=28)))
+    assert len(G.attention_gammas()) == 2 and D.attn_sizes == (7,)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("batch_size", 0), ("steps", -5), ("g_lr", 0.0), ("d_lr", float("nan")), ("loss", "wasserstein"),
+    ("dataset", "imagenet"), ("image_size", 32), ("ema_decay", 1.0), ("beta2", 1.5), ("d_steps", 0),
+    ("attn_variant", "fancy"), ("precision", "fp8"), ("conv_dim", 12),
+])
+def test_nonsensical_config_values_are_refused_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"^{field} must be"):
+        TrainConfig(**{field: value})
+
+
+def test_resume_reads_a_field_missing_from_an_older_run_as_its_default(tmp_path):
+    config = TrainConfig(**TINY, out=str(tmp_path / "run"))
+    older_run = {k: v for k, v in dataclasses.asdict(config).items() if k != "reuse_fakes"}
+    check_resumable(older_run, config)
+    with pytest.raises(ConfigError, match="reuse_fakes: run has False, asked for True"):
+        check_resumable(older_run, dataclasses.replace(config, reuse_fakes=True))
+
+
+def test_recipe_names_combine_changes_and_refuse_unknown_or_misplaced_ones():
+    config = TrainConfig.from_recipe("original+reuse-fakes+lr-2e-4")
+    assert (config.reuse_fakes, config.g_lr, config.d_lr, config.beta2) == (True, 2e-4, 2e-4, 0.9)
+    with pytest.raises(ConfigError, match="unknown recipe 'fast'"):
+        TrainConfig.from_recipe("default+fast")
+    with pytest.raises(ConfigError, match="'original' is a whole recipe"):
+        TrainConfig.from_recipe("reuse-fakes+original")
+    assert study.train_overrides(["--sample-every", "50", "--no-attn"]) == {"sample_every": 50, "attn": False}
+
+
+def test_a_notebooks_parameters_become_a_config_and_an_unknown_name_is_refused_by_name():
+
+    namespace = {"In": [], "Out": {}, "get_ipython": print, "json": json, "recipe": "original+reuse-fakes",
+                 "steps": 30, "g_lr": None, "augment": "translation", "demo_dir": "demo", "_hidden": 1}
+    config, settings = config_module.notebook_config(namespace, ("demo_dir", "eval_n"))
+    assert (config.steps, config.g_lr, config.reuse_fakes, config.augment) == (30, 1e-4, True, "translation")
+    assert settings == {"demo_dir": "demo"}
+    with pytest.raises(ConfigError, match="unknown setting 'ema_decya' in the parameters cell"):
+        config_module.notebook_config({**namespace, "ema_decya": 0.99}, ("demo_dir",))
