@@ -18,10 +18,11 @@ install: $(VENV)/.installed
 test: install
 	SAGAN_DATA=$${SAGAN_DATA:-$(SHARED_DATA)} $(PY) -m pytest
 
-# The main job: SAGAN and its baseline on MNIST, headless, as the notebook runs it; writes
-# demo/comparison_mnist.gif, curves and attention maps (a rerun resumes from runs/mnist_comparison).
+# The main job: SAGAN and its baseline on MNIST, headless, as the notebook runs it, with progress in the terminal;
+# writes demo/comparison_mnist.gif, curves and attention maps, keeps the executed notebook in runs/demo/ (a rerun
+# resumes from runs/mnist_comparison). Notebook parameters: make demo ARGS="-p steps 2000".
 demo: install
-	$(VENV)/bin/jupyter execute SAGAN_mnist.ipynb
+	$(PY) demo.py $(ARGS)
 
 # The commands behind the published results (demo/results_*.md, GIFs, curves, attention maps, weights/);
 # resumes runs/results. MNIST: 3 seeds x (SAGAN, baseline, conditional SAGAN), 10 CPU-minutes each, two runs side

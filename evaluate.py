@@ -488,6 +488,25 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(results: dict[str, dict]) -> str:
+    """Several models' scalar metrics side by side (one row each), then the protocol they share, once; where the
+    protocols differ beyond the checkpoint scored, each model's."""
+    names = [name for name, value in next(iter(results.values())).items()
+             if isinstance(value, (int, float)) and not name.startswith("class_")]
+    width = max(len(label) for label in results) + 2
+    lines = [f"{'model':<{width}}" + "".join(f"{name.replace('_', ' '):>22}" for name in names)]
+    for label, result in results.items():
+        lines.append(f"{label:<{width}}" + "".join(f"{result[name]:>22.4f}" if isinstance(result[name], float)
+                                                   else f"{result[name]:>22}" for name in names))
+    shared = [{k: v for k, v in result["protocol"].items() if k not in ("checkpoint", "step")} for result in results.values()]
+    if all(protocol == shared[0] for protocol in shared):
+        lines += ["protocol:", *_protocol_lines(shared[0], "  ")]
+    else:
+        for label, result in results.items():
+            lines += [f"protocol of {label}:", *_protocol_lines(result["protocol"], "  ")]
+    return "\n".join(lines)
+
+
 def _protocol_lines(described: dict, indent: str) -> list[str]:
     lines = []
     for key, value in described.items():

@@ -1,4 +1,6 @@
 """The two notebooks: committed clean, and executed top to bottom in a real Jupyter kernel with tiny settings."""
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -98,13 +100,27 @@ def shown(notebook: nbformat.NotebookNode, code: str, mime_type: str) -> list:
 
 
 @pytest.mark.slow
-def test_mnist_notebook_runs_top_to_bottom(data_root, tmp_path):
-    notebook = execute(with_parameters("SAGAN_mnist.ipynb", **TINY, eval_n=64, conditional_steps=4,
-                                       data_root=str(data_root), out=str(tmp_path / "runs"),
-                                       demo_dir=str(tmp_path / "demo")))
+def test_make_demo_runs_the_mnist_notebook_top_to_bottom_talking_and_keeps_it(data_root, tmp_path):
+    """demo.py (what `make demo` runs) in a real subprocess: sections and a bar per model in the terminal, the
+    quality table at the end, and the executed notebook kept with every output."""
+    parameters = {**TINY, "eval_n": 64, "conditional_steps": 4, "data_root": str(data_root), "out": str(tmp_path / "runs"),
+                  "demo_dir": str(tmp_path / "demo")}
+    flags = [flag for name, value in parameters.items() for flag in ("-p", name, str(value))]
+    kept = tmp_path / "executed" / "SAGAN_mnist.ipynb"
+    made = subprocess.run([sys.executable, str(ROOT / "demo.py"), *flags, "--output", str(kept), "--timeout", "240"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=590)
+    assert made.returncode == 0, made.stderr[-3000:]
+    terminal = made.stdout + made.stderr
+    for section in ("Training both models", "Side by side", "Sample quality"):
+        assert f"[SAGAN_mnist.ipynb] {section}" in terminal, section
+    assert "SAGAN:" in terminal and "baseline (no attention):" in terminal and "4/4" in terminal, "a bar per model"
+    assert "Sample quality:" in made.stdout and "classifier fid" in made.stdout and str(kept) in made.stdout
+
+    notebook = nbformat.read(kept, as_version=4)
     check_outputs(notebook, tmp_path, "mnist", grid_size=2 + 8 * 30)
-    table = "".join(output.text for output in code_cell(notebook, "format_table(").outputs if output.get("name") == "stdout")
-    assert table.count("classifier fid") == 2 and table.count("n_images: 64") == 2, "a quality table for each model"
+    table = "".join(output.text for output in code_cell(notebook, "comparison_table(").outputs if output.get("name") == "stdout")
+    assert "classifier fid" in table and table.count("n_images: 64") == 1, "one table of both models, one protocol"
+    assert "\nbaseline (no attention) " in table and "\nSAGAN " in table
     # the class-conditional SAGAN: its grid of rows 0-9, the picker, and the requested-digit score
     assert_image(tmp_path / "runs" / "conditional" / "sagan" / "samples" / "step_000004.png", (2 + 8 * 30, 2 + 10 * 30))
     assert_image(tmp_path / "demo" / "conditional_mnist.png")
@@ -124,8 +140,8 @@ def test_mnist_notebook_offline_without_mnist_trains_and_scores_on_mnist_5k(tmp_
     printed = "".join(output.text for output in code_cell(notebook, "load_dataset_with_fallback(").outputs
                       if output.get("name") == "stdout")
     assert printed.startswith("mnist-5k: 5,000 images")
-    table = "".join(output.text for output in code_cell(notebook, "format_table(").outputs if output.get("name") == "stdout")
-    assert table.count("classifier fid") == 2 and table.count("reference: mnist-5k (MNIST's test set unavailable") == 2
+    table = "".join(output.text for output in code_cell(notebook, "comparison_table(").outputs if output.get("name") == "stdout")
+    assert "classifier fid" in table and table.count("reference: mnist-5k (MNIST's test set unavailable") == 1
     assert not (tmp_path / "runs" / "conditional").exists(), "conditional_steps = 0 by default: the pair only"
 
 
@@ -165,8 +181,8 @@ def test_the_celeba_notebook_trains_and_scores_any_folder_of_images(tmp_path):
     notebook = execute(with_parameters("SAGAN_celeba.ipynb", **TINY, eval_n=8, dataset="folder", data_root=str(folder),
                                        out=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
     check_outputs(notebook, tmp_path, "celebA", grid_size=2 + 8 * 66)
-    table = "".join(output.text for output in code_cell(notebook, "format_table(").outputs if output.get("name") == "stdout")
-    assert table.count("inception fid") == 2 and table.count("folder images img08.png to img15.png") == 2
+    table = "".join(output.text for output in code_cell(notebook, "comparison_table(").outputs if output.get("name") == "stdout")
+    assert "inception fid" in table and table.count("folder images img08.png to img15.png") == 1
 
 
 def test_an_unknown_setting_in_the_parameters_cell_stops_the_notebook_naming_it(tmp_path):
