@@ -526,3 +526,130 @@ def live_grids() -> Callable[[int, Path], None]:
             handles[run_dir] = display(picture, display_id=True)
 
     return on_sample
+
+
+# ---------------------------------------------------------------------------------------------- architecture diagrams
+
+
+def layer_shapes(model: nn.Module, *inputs: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """(description, output shape without the batch) of each block of model.net, from a real forward pass: a
+    convolution with the normalisation and activation after it is one block, an attention layer another."""
+    blocks, shapes = [], {}
+    hooks = [layer.register_forward_hook(lambda module, args, output, index=index: shapes.__setitem__(index, output.shape[1:]))
+             for index, layer in enumerate(model.net)]
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for index, layer in enumerate(model.net):
+        name = type(layer).__name__.removeprefix("Parametrized")  # spectral norm's parametrisation renames the class
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            kernel, stride = layer.kernel_size[0], layer.stride[0]
+            normed = " (spectral norm)" if type(layer).__name__.startswith("Parametrized") else ""
+            blocks.append([f"{name}{normed} {kernel}x{kernel}, stride {stride}", tuple(shapes[index])])
+        elif attention_layers(layer):
+            blocks.append([f"self-attention ({layer.variant})", tuple(shapes[index])])
+        elif blocks:  # BatchNorm, ReLU, LeakyReLU, Tanh: folded into the block before
+            blocks[-1][0] += f" + {name.replace('ConditionalBatchNorm2d', 'class BatchNorm')}"
+    return [(text, shape) for text, shape in blocks]
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return " x ".join(map(str, shape))
+
+
+def model_diagram(G: nn.Module, D: nn.Module) -> Figure:
+    """G and D layer by layer with the shape of every block's output (batch left out), attention highlighted."""
+    z = torch.zeros(2, G.z_dim)
+    image = torch.zeros(2, *G.image_shape)
+    columns = [("Generator", f"z: {G.z_dim}", layer_shapes(G, z)),
+               ("Discriminator", f"image: {_shape_text(G.image_shape)}", layer_shapes(D, image))]
+    rows = max(len(blocks) for _, _, blocks in columns) + 1
+    figure = Figure(figsize=(11, 0.75 * rows + 1.2), layout="constrained")
+    axes = figure.subplots(1, 2)
+    for axis, (title, start, blocks) in zip(axes, columns):
+        axis.set(xlim=(0, 1), ylim=(-rows, 1), title=title)
+        axis.set_axis_off()
+        entries = [(start, None)] + blocks
+        for row, (text, shape) in enumerate(entries):
+            attention = text.startswith("self-attention")
+            axis.text(0.5, -row, text if shape is None else f"{text}\n-> {_shape_text(shape)}", ha="center", va="center",
+                      fontsize=9, bbox=dict(boxstyle="round,pad=0.4", facecolor="#ffd8b0" if attention else "#e8eef7",
+                                            edgecolor="#c05000" if attention else "#50607a"))
+            if row:
+                axis.annotate("", xy=(0.5, -row + 0.3), xytext=(0.5, -row + 0.7),
+                              arrowprops=dict(arrowstyle="->", color="#50607a"))
+        axis.text(0.5, -len(entries) + 0.35, "logit per image" if title == "Discriminator" else "image in [-1, 1]",
+                  ha="center", va="center", fontsize=9, style="italic")
+    figure.suptitle(f"The {G.image_shape[1]}x{G.image_shape[2]} SAGAN (the baseline: the same without the orange "
+                    f"blocks); shapes per image", fontsize=11)
+    return figure
+
+
+def attention_diagram(layer: nn.Module, height: int, width: int) -> Figure:
+    """The self-attention block on a (C, height, width) feature map, step by step with the shape of each tensor
+    (batch left out): the 1x1 query, key and value convolutions, the N x N map, the values it weights, gamma and
+    the residual. Shapes are the layer's own (its channel widths and variant)."""
+    channels = layer.query.in_channels
+    n, qk, v = height * width, layer.query.out_channels, layer.value.out_channels
+    keys = n // 4 if layer.variant == "paper" else n
+    pooled = ", 2x2 max-pooled" if layer.variant == "paper" else ""
+    boxes = {  # name: (x, y, text)
+        "x": (0.5, 6, f"x: feature map\n{channels} x {height} x {width}  (N = {n} positions)"),
+        "q": (0.15, 4.6, f"query = 1x1 conv(x)\n{n} x {qk}"),
+        "k": (0.5, 4.6, f"key = 1x1 conv(x){pooled}\n{keys} x {qk}"),
+        "v": (0.85, 4.6, f"value = 1x1 conv(x){pooled}\n{keys} x {v}"),
+        "s": (0.32, 3.3, f"scores = query . keyᵀ\n{n} x {keys}"),
+        "a": (0.32, 2.1, f"attention map = softmax over keys\n{n} x {keys}  (each row sums to 1)"),
+        "o": (0.6, 0.9, f"o = map . value{', then 1x1 conv back to C' if layer.variant == 'paper' else ''}\n"
+                        f"{n} x {channels} -> {channels} x {height} x {width}"),
+        "y": (0.6, -0.3, f"y = x + gamma . o   (gamma learned, starts at 0)\n{channels} x {height} x {width}"),
+    }
+    arrows = [("x", "q"), ("x", "k"), ("x", "v"), ("q", "s"), ("k", "s"), ("s", "a"), ("a", "o"), ("v", "o"), ("o", "y")]
+    figure = Figure(figsize=(10, 6.2), layout="constrained")
+    axis = figure.subplots()
+    axis.set(xlim=(0, 1), ylim=(-1, 6.6))
+    axis.set_axis_off()
+    for name, (x, y, text) in boxes.items():
+        highlight = name in ("a", "y")
+        axis.text(x, y, text, ha="center", va="center", fontsize=9,
+                  bbox=dict(boxstyle="round,pad=0.45", facecolor="#ffd8b0" if highlight else "#e8eef7",
+                            edgecolor="#c05000" if highlight else "#50607a"))
+    for start, end in arrows:
+        (x0, y0, _), (x1, y1, _) = boxes[start], boxes[end]
+        axis.annotate("", xy=(x1, y1 + 0.4), xytext=(x0, y0 - 0.4), arrowprops=dict(arrowstyle="->", color="#50607a"))
+    axis.annotate("", xy=(0.97, -0.3), xytext=(0.97, 6), arrowprops=dict(arrowstyle="->", color="#c05000",
+                                                                         connectionstyle="arc3,rad=0"))
+    axis.text(0.985, 2.9, "residual", rotation=90, va="center", fontsize=9, color="#c05000")
+    figure.suptitle(f"Self-attention ('{layer.variant}' variant) on a {channels} x {height} x {width} feature map",
+                    fontsize=11)
+    return figure
+
+
+def draw_diagrams(folder: str | Path = "demo") -> list[Path]:
+    """demo/SA_structure.png (the attention block of the 28x28 generator) and demo/model_structure.png (the 28x28 G
+    and D), drawn from the model files as they are."""
+    import model_28
+
+    G, D = model_28.Generator(), model_28.Discriminator()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layer = attention_layers(G)[0]
+    size = G.attn_sizes[0]
+    paths = [folder / "SA_structure.png", folder / "model_structure.png"]
+    attention_diagram(layer, size, size).savefig(paths[0], dpi=110)
+    model_diagram(G, D).savefig(paths[1], dpi=110)
+    return paths
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Draw the README's diagrams from the model files: the self-attention "
+                                                 "block and the 28x28 model, layer by layer with shapes.")
+    parser.add_argument("command", choices=["diagrams"])
+    parser.add_argument("--out", default="demo", help="folder for SA_structure.png and model_structure.png")
+    for path in draw_diagrams(parser.parse_args().out):
+        print(path)

@@ -283,3 +283,20 @@ def test_attention_statistics_tell_query_dependent_maps_from_one_map_for_every_q
     assert distinct["entropy"] == pytest.approx(0.0) and distinct["overlap"] == pytest.approx(0.0)
     assert distinct["top_key_share"] == 0.25
     assert stuck["entropy"] == pytest.approx(0.0) and stuck["overlap"] == pytest.approx(1.0) and stuck["top_key_share"] == 1
+
+
+def test_diagrams_are_drawn_from_the_models_real_shapes(tmp_path):
+    G, D = model_28.Generator(conv_dim=16), model_28.Discriminator(conv_dim=16)
+    blocks = pictures.layer_shapes(G, torch.zeros(2, G.z_dim))
+    assert [shape for _, shape in blocks] == [(128, 3, 3), (64, 7, 7), (32, 14, 14), (32, 14, 14), (1, 28, 28)]
+    assert blocks[0][0] == "ConvTranspose2d (spectral norm) 3x3, stride 1 + BatchNorm2d + ReLU"
+    assert blocks[3][0] == "self-attention (original)" and blocks[4][0].endswith("+ Tanh")
+    assert [shape for _, shape in pictures.layer_shapes(D, torch.zeros(2, 1, 28, 28))][-2:] == [(64, 3, 3), (1, 1, 1)]
+    big = model_64.Generator(conv_dim=8)
+    assert [shape for text, shape in pictures.layer_shapes(big, torch.zeros(2, 100)) if text.startswith("self")] == \
+        [(16, 16, 16), (8, 32, 32)]
+    paths = pictures.draw_diagrams(tmp_path)
+    assert [path.name for path in paths] == ["SA_structure.png", "model_structure.png"]
+    for path in paths:
+        assert_image = Image.open(path)
+        assert assert_image.width > 800
