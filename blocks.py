@@ -1,7 +1,4 @@
 """What model_28.py and model_64.py share: their conv blocks, the Generator/Discriminator bases, initialisation."""
-from collections.abc import Iterator
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -42,20 +39,12 @@ class ConditionalBatchNorm2d(nn.Module):
         return self.norm(x) * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
 
 
-@dataclass
-class Stage:
-    """A block of layers whose output is a (channels, size, size) map: a place an attention layer may follow."""
-
-    layers: list[nn.Module]
-    size: int
-    channels: int
-
-
 class _GANNetwork(nn.Module):
-    """Holds the constructor options and assembles stages, with attention after the stages of `attn_sizes`.
+    """Holds the constructor options; the model files' build() lists the layers, and this assembles them.
 
-    Subclasses define `stages()` (the conv blocks in order), `head()` (the last layer) and
-    `default_attn_sizes` (where the original project, https://github.com/franknb/Self-attention-DCGAN, puts attention).
+    build() calls up_block/down_block for the convolutions and attention(size, channels) after each feature map
+    where attention may go: it returns the layer when `size` is in attn_sizes (by default the original project's
+    places, https://github.com/franknb/Self-attention-DCGAN), and nothing otherwise.
     """
 
     default_attn_sizes: tuple[int, ...]
@@ -71,29 +60,31 @@ class _GANNetwork(nn.Module):
         self.attn, self.conv_dim, self.spectral_norm, self.attn_variant = attn, conv_dim, spectral_norm, attn_variant
         self.attn_sizes = tuple(self.default_attn_sizes if attn_sizes is None else attn_sizes)
 
-    def assemble(self) -> list[nn.Module]:
-        """Every stage's layers, an attention layer after each stage whose size is in attn_sizes, then the head."""
-        layers, sizes = [], []
-        for stage in self.stages():  # built one at a time, so weights draw from the seed in forward order
-            layers += stage.layers
-            sizes.append(stage.size)
-            self.feature_channels = stage.channels
-            if self.attn and stage.size in self.attn_sizes:
-                layers.append(self.attention(stage.channels))
-        unknown = sorted(set(self.attn_sizes) - set(sizes))
+    def build(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def assemble(self) -> nn.Sequential:
+        """build()'s layers, in order (weights draw from the seed in that order), after checking attn_sizes."""
+        self._sizes = []
+        layers = self.build()
+        unknown = sorted(set(self.attn_sizes) - set(self._sizes))
         if unknown:
-            raise ValueError(f"{type(self).__name__} has no {unknown} feature map for attention; its maps are {sizes}")
-        return layers + [self.head()]
+            raise ValueError(f"{type(self).__name__} has no {unknown} feature map for attention; its maps are {self._sizes}")
+        return nn.Sequential(*layers)
 
-    def stages(self) -> Iterator[Stage]:
-        raise NotImplementedError
+    def up_block(self, in_channels: int, out_channels: int, kernel: int, stride: int, padding: int) -> list[nn.Module]:
+        return up_block(in_channels, out_channels, kernel, stride, padding, self.spectral_norm, self.num_classes)
 
-    def head(self) -> nn.Module:
-        raise NotImplementedError
+    def down_block(self, in_channels: int, out_channels: int) -> list[nn.Module]:
+        return down_block(in_channels, out_channels, self.spectral_norm)
 
-    def attention(self, channels: int) -> SelfAttention:
+    def attention(self, size: int, channels: int) -> list[nn.Module]:
+        """[SelfAttention] over the (channels, size, size) map before it when attention goes there, else []."""
+        self._sizes.append(size)
+        if not (self.attn and size in self.attn_sizes):
+            return []
         # The original project's attention convs are plain; the authors' release normalises them too.
-        return SelfAttention(channels, self.attn_variant, spectral_norm=self.spectral_norm and self.attn_variant == "paper")
+        return [SelfAttention(channels, self.attn_variant, spectral_norm=self.spectral_norm and self.attn_variant == "paper")]
 
     def attention_gammas(self) -> list[float]:
         """Every attention layer's gamma, in forward order, for logging."""
@@ -127,7 +118,7 @@ class GeneratorBase(_GANNetwork):
         if z_dim < 1:
             raise ValueError(f"z_dim must be positive, got {z_dim}")
         self.z_dim = z_dim
-        self.net = nn.Sequential(*self.assemble(), nn.Tanh())
+        self.net = self.assemble()
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, z_dim) and, for a conditional G, class labels y (B,) -> images."""
@@ -169,9 +160,10 @@ class DiscriminatorBase(_GANNetwork):
     def __init__(self, attn: bool = True, conv_dim: int = 64, spectral_norm: bool = True, attn_variant: str = "original",
                  attn_sizes: tuple[int, ...] | None = None, num_classes: int = 0):
         super().__init__(attn, conv_dim, spectral_norm, attn_variant, attn_sizes, num_classes)
-        self.net = nn.Sequential(*self.assemble())
+        self.net = self.assemble()
         if num_classes:  # the projection discriminator's class embedding (Miyato & Koyama 2018)
-            self.embed = maybe_spectral_norm(nn.Embedding(num_classes, self.feature_channels), spectral_norm)
+            features = self.net[-1].in_channels  # what the last layer (the logit) reads
+            self.embed = maybe_spectral_norm(nn.Embedding(num_classes, features), spectral_norm)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, C, H, W) and, for a conditional D, class labels y (B,) -> logits (B,).

@@ -1,13 +1,15 @@
-"""SAGAN and its no-attention (DCGAN) baseline for 3x64x64 images (CelebA), two attention layers each.
+"""SAGAN and its no-attention (DCGAN) baseline for 3x64x64 images (CelebA), two attention layers in each network.
 
-`attn_sizes` moves them: G's maps are 4, 8, 16 and 32 pixels wide, D's 32, 16, 8 and 4.
+The layers and shapes are the original project's (https://github.com/franknb/Self-attention-DCGAN), after the
+SAGAN authors' release. Every convolution is spectral-normed (spectral.py); G's blocks are ConvTranspose2d +
+BatchNorm + ReLU, D's Conv2d + LeakyReLU(0.1) (blocks.py). Attention follows G's 16x16 and 32x32 maps and D's 8x8
+and 4x4 maps; `attn_sizes` may move it to any map whose `self.attention(size, ...)` line is below, and attn=False
+(the baseline) leaves it out. Shapes are (B, C, H, W) with conv_dim = 64.
 """
-from collections.abc import Iterator
-
 from torch import nn
 
 from attention import SelfAttention
-from blocks import DiscriminatorBase, GeneratorBase, Stage, down_block, up_block
+from blocks import DiscriminatorBase, GeneratorBase
 
 __all__ = ["Generator", "Discriminator", "SelfAttention", "IMAGE_SHAPE"]
 
@@ -15,34 +17,43 @@ IMAGE_SHAPE = (3, 64, 64)
 
 
 class Generator(GeneratorBase):
-    """z (100) -> 512x4x4 -> 256x8x8 -> 128x16x16 -> attention -> 64x32x32 -> attention -> 3x64x64, tanh."""
+    """z (B, 100) -> images (B, 3, 64, 64) in [-1, 1]."""
 
     image_shape = IMAGE_SHAPE
     default_attn_sizes = (16, 32)
 
-    def stages(self) -> Iterator[Stage]:
-        d, sn, k = self.conv_dim, self.spectral_norm, self.num_classes
-        yield Stage(up_block(self.z_dim, d * 8, 4, 1, 0, sn, k), 4, d * 8)  # 1 -> 4
-        yield Stage(up_block(d * 8, d * 4, 4, 2, 1, sn, k), 8, d * 4)  # 4 -> 8
-        yield Stage(up_block(d * 4, d * 2, 4, 2, 1, sn, k), 16, d * 2)  # 8 -> 16
-        yield Stage(up_block(d * 2, d, 4, 2, 1, sn, k), 32, d)  # 16 -> 32
-
-    def head(self) -> nn.Module:
-        return nn.ConvTranspose2d(self.conv_dim, IMAGE_SHAPE[0], 4, 2, 1)  # 32 -> 64
+    def build(self) -> list[nn.Module]:
+        d = self.conv_dim
+        return [                                          # z as (B, 100, 1, 1)
+            *self.up_block(self.z_dim, d * 8, 4, 1, 0),  # (B, 512, 4, 4)
+            *self.attention(4, d * 8),
+            *self.up_block(d * 8, d * 4, 4, 2, 1),       # (B, 256, 8, 8)
+            *self.attention(8, d * 4),
+            *self.up_block(d * 4, d * 2, 4, 2, 1),       # (B, 128, 16, 16)
+            *self.attention(16, d * 2),                  # (B, 128, 16, 16): attends over 256 positions
+            *self.up_block(d * 2, d, 4, 2, 1),           # (B, 64, 32, 32)
+            *self.attention(32, d),                      # (B, 64, 32, 32): attends over 1,024 positions
+            nn.ConvTranspose2d(d, 3, 4, 2, 1),           # (B, 3, 64, 64)
+            nn.Tanh(),
+        ]
 
 
 class Discriminator(DiscriminatorBase):
-    """3x64x64 -> 64x32x32 -> 128x16x16 -> 256x8x8 -> attention -> 512x4x4 -> attention -> one logit."""
+    """Images (B, 3, 64, 64) -> one real/fake logit each, (B,)."""
 
     image_shape = IMAGE_SHAPE
     default_attn_sizes = (8, 4)
 
-    def stages(self) -> Iterator[Stage]:
-        d, sn = self.conv_dim, self.spectral_norm
-        yield Stage(down_block(IMAGE_SHAPE[0], d, sn), 32, d)  # 64 -> 32
-        yield Stage(down_block(d, d * 2, sn), 16, d * 2)  # 32 -> 16
-        yield Stage(down_block(d * 2, d * 4, sn), 8, d * 4)  # 16 -> 8
-        yield Stage(down_block(d * 4, d * 8, sn), 4, d * 8)  # 8 -> 4
-
-    def head(self) -> nn.Module:
-        return nn.Conv2d(self.conv_dim * 8, 1, 4, 1, 0)  # 4 -> 1
+    def build(self) -> list[nn.Module]:
+        d = self.conv_dim
+        return [                                  # (B, 3, 64, 64)
+            *self.down_block(3, d),               # (B, 64, 32, 32)
+            *self.attention(32, d),
+            *self.down_block(d, d * 2),           # (B, 128, 16, 16)
+            *self.attention(16, d * 2),
+            *self.down_block(d * 2, d * 4),       # (B, 256, 8, 8)
+            *self.attention(8, d * 4),            # (B, 256, 8, 8): attends over 64 positions
+            *self.down_block(d * 4, d * 8),       # (B, 512, 4, 4)
+            *self.attention(4, d * 8),            # (B, 512, 4, 4): attends over 16 positions
+            nn.Conv2d(d * 8, 1, 4, 1, 0),         # (B, 1, 1, 1): the logit
+        ]

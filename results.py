@@ -22,7 +22,7 @@ import torch
 import evaluate
 import pictures
 import study
-from checkpoint import load_generator
+from checkpoint import atomic_save, load_generator
 from config import ARMS
 from models import model_module
 from rundir import read_sessions
@@ -34,23 +34,28 @@ CELEBA_QUERIES = [(33, 24), (33, 40), (47, 32), (6, 6)]
 
 # ---------------------------------------------------------------------------------------------- generators
 
-def publish_generator(run_dir: Path, path: Path, n: int, data_root: str | None, seed: int | None = None) -> dict:
-    """A run's final generator (its EMA when it kept one) in half precision, scored again from the written file on n
+def publish_generator(run_dir: Path, path: Path, n: int, data_root: str | None) -> dict:
+    """A run's final generator (its EMA when it kept one) in half precision, scored from the written file on n
     samples, with that score and its protocol inside; checkpoint.load_generator reads it. Returns the score."""
     G, info = load_generator(run_dir)
-    config = info["config"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    weights = {"G": {k: v.half() if v.is_floating_point() else v for k, v in G.state_dict().items()},
-               "model_kwargs": info["model_kwargs"], "model_file": model_module(info["image_size"]).__name__ + ".py",
-               "image_size": info["image_size"], "dataset": info["dataset"], "step": info["step"], "ema": info["ema"],
-               "config": config, "seed": config["seed"] if seed is None else seed}
-    torch.save(weights, path)
+    torch.save({"G": {k: v.half() if v.is_floating_point() else v for k, v in G.state_dict().items()},
+                "model_kwargs": info["model_kwargs"], "model_file": model_module(info["image_size"]).__name__ + ".py",
+                "image_size": info["image_size"], "dataset": info["dataset"], "step": info["step"], "ema": info["ema"],
+                "config": info["config"], "seed": info["config"]["seed"]}, path)
+    return score_published(path, n, data_root)
+
+
+def score_published(path: Path, n: int, data_root: str | None = None) -> dict:
+    """Score a published weights file from itself on n samples and record the score, its protocol and the command
+    that reproduces it in the file; returns the score."""
     scores = evaluate.evaluate(path, n, data_root=data_root)
-    metric = study.fid_metric(info["dataset"])
+    weights = torch.load(path, weights_only=True)
+    metric = study.fid_metric(weights["dataset"])
     score = {"metric": metric, "value": round(scores[metric], 2), "n": n,
              "requested_accuracy": scores.get("requested_accuracy"), "protocol": scores["protocol"],
              "command": f"python evaluate.py {path.as_posix()} --n {n}"}
-    torch.save(weights | {"score": score}, path)
+    atomic_save(weights | {"score": score}, path)
     return score
 
 
@@ -195,7 +200,13 @@ def celeba(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["score"]:
+        return score_command(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="python results.py score FILE... --n N: (re)score published weights files "
+                                            "from themselves and record the scores in them")
     parser.add_argument("dataset", choices=["mnist", "celeba"])
     parser.add_argument("--recipe", default="default", type=study.recipe_name, help="the recipe every run trains with")
     parser.add_argument("--conditional-recipe", type=study.recipe_name,
@@ -232,13 +243,26 @@ def main(argv: list[str] | None = None) -> int:
                       clock="cpu", threads=args.threads,
                       overrides={"sample_every": sample_every, "checkpoint_every": 1_000_000 if mnist_run else args.eval_every})
     Path(args.demo).mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python results.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python results.py", *argv])
     results, table = (mnist if mnist_run else celeba)(args, plan)
     table += f"\n\nRegenerate: `{command}`.\n"
     tag = DEMO_TAGS[args.dataset]
     (Path(args.demo) / f"results_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     (Path(args.demo) / f"results_{tag}.md").write_text(table)
     print(table)
+    return 0
+
+
+def score_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="results.py score", description="Score published weights files from "
+                                     "themselves and record each score, its protocol and its command in the file.")
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--n", type=int, required=True, help="generated images per score")
+    parser.add_argument("--data-root", help="default: $SAGAN_DATA, else ./data")
+    args = parser.parse_args(argv)
+    for path in args.files:
+        score = score_published(path, args.n, args.data_root)
+        print(f"{path}: {score['metric']} {score['value']:.2f} ({score['n']} samples)")
     return 0
 
 
