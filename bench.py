@@ -85,9 +85,11 @@ def in_fresh_process(fn, *args):
 
 
 def machine(threads: int) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": cpu, "nproc": os.cpu_count(), "threads": threads or torch.get_num_threads(), "torch": torch.__version__,
+    """The CPU, its bf16-relevant features and what precision 'auto' picks on it, threads and versions."""
+    from utils import autocast_dtype, cpu_features, cpu_name, precision_name
+
+    return {"cpu": cpu_name(), **cpu_features(), "auto_precision": precision_name(autocast_dtype("auto", torch.device("cpu"))),
+            "nproc": os.cpu_count(), "threads": threads or torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -114,6 +116,7 @@ def training_state(args: argparse.Namespace):
 def measure_training(args: argparse.Namespace) -> dict:
     """Images per second of train.train_step and of G.sample, as train.py runs them."""
     import train
+    from utils import precision_name
 
     state = training_state(args)
     batch = state.config.batch_size
@@ -124,8 +127,9 @@ def measure_training(args: argparse.Namespace) -> dict:
     state.G.sample(z)  # warm-up
     sample_times = timed(lambda: state.G.sample(z), args.sample_reps)
     result = {
-        "model": args.model, "attn": args.attn, "batch_size": batch, "steps": steps, "threads": torch.get_num_threads(),
-        "channels_last": state.memory_format == torch.channels_last, "compile": args.compile, "precision": args.precision,
+        "machine": machine(args.threads), "model": args.model, "attn": args.attn, "batch_size": batch, "steps": steps,
+        "threads": torch.get_num_threads(), "channels_last": state.memory_format == torch.channels_last,
+        "compile": args.compile, "precision": precision_name(state.amp_dtype),
         "spectral_norm": args.spectral_norm, "reuse_fakes": args.reuse_fakes,
         "train_img_per_s": round(batch * steps / sum(step_times), 2), "step_s_median": round(statistics.median(step_times), 4),
         "warmup_s": round(warmup_s, 2), "sample_img_per_s": round(args.sample_batch / statistics.median(sample_times), 2),

@@ -144,7 +144,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
 def load_generator(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """A generator in eval mode from a run directory, a training checkpoint or a published weights file.
 
-    Returns (G, info) where info holds 'model_kwargs', 'image_size', 'dataset', 'step', 'ema' and 'config'.
+    Returns (G, info) where info holds 'model_kwargs', 'image_size', 'dataset', 'step', 'ema', 'config' and, for a
+    published weights file, 'score' (the score it was published with, its protocol and command; else None).
     With ema=True the EMA weights are used when the run kept them.
     """
     state = load_checkpoint(path, device)
@@ -162,7 +163,7 @@ def load_generator(path: str | Path, *, ema: bool = True, device: str | torch.de
     device = torch.device(device)
     G.to(device, memory_format=memory_format_for(device)).eval()
     info = {"model_kwargs": kwargs, "image_size": image_size, "dataset": config.get("dataset", state.get("dataset")),
-            "step": state.get("step"), "ema": used_ema, "config": config}
+            "step": state.get("step"), "ema": used_ema, "config": config, "score": state.get("score")}
     return G, info
 
 

@@ -241,6 +241,7 @@ def _reference_name(dataset: str) -> str:
 def _file_split(dataset: str, root: Path) -> tuple[list[Path], list[Path], int]:
     """An image-file dataset's floor pool and reference (the two halves of its first REFERENCE_POOL images, sorted by
     name), and how many images were found. `root` is the data root for CelebA and the image folder itself for 'folder'."""
+    root = root.resolve()  # one spelling of the folder, so its cached statistics are found however it was given
     folder = data.find_celeba(root) if dataset == "celeba" else root
     files = data.find_images(folder)
     pool = files[:REFERENCE_POOL]

@@ -42,7 +42,7 @@ def publish_generator(run_dir: Path, path: Path, n: int, data_root: str | None) 
     torch.save({"G": {k: v.half() if v.is_floating_point() else v for k, v in G.state_dict().items()},
                 "model_kwargs": info["model_kwargs"], "model_file": model_module(info["image_size"]).__name__ + ".py",
                 "image_size": info["image_size"], "dataset": info["dataset"], "step": info["step"], "ema": info["ema"],
-                "config": info["config"], "seed": info["config"]["seed"]}, path)
+                "config": info["config"]}, path)
     return score_published(path, n, data_root)
 
 

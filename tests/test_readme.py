@@ -1,0 +1,79 @@
+"""The README's claims hold: its Python blocks run, its commands' flags exist, its links resolve, and the scores
+it quotes for the published weights are the ones the files record."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from config import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+TINY = dict(dataset="synthetic", image_size=28, synthetic_size=32, conv_dim=16, batch_size=4, steps=2, sample_every=1,
+            quiet=True, device="cpu", threads=1)
+
+
+def test_every_python_block_of_the_readme_runs(tmp_path):
+    """Run in a folder holding what the blocks name: a tiny comparison in runs/cmp and the published weights."""
+    train.compare(TrainConfig(**TINY, out=str(tmp_path / "runs" / "cmp")))
+    (tmp_path / "weights").symlink_to(ROOT / "weights")
+    assert len(PYTHON_BLOCKS) >= 2
+    for index, block in enumerate(PYTHON_BLOCKS):
+        script = tmp_path / f"block{index}.py"
+        script.write_text(block)
+        ran = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert ran.returncode == 0, f"README block {index} failed:\n{block}\n{ran.stderr[-2000:]}"
+    assert (tmp_path / "demo" / "comparison.gif").is_file() and (tmp_path / "demo" / "attention.png").is_file()
+
+
+def readme_commands() -> dict[str, set[str]]:
+    """The flags each of the repository's scripts is given anywhere in the README, by script."""
+    flags = {}
+    for line in re.findall(r"^\s*(?:\S*python\s+|make\s+\S+\s+ARGS=\")?(\w+\.py\b.*)$", README, re.M):
+        script, *words = line.split()
+        if (ROOT / script).is_file():
+            flags.setdefault(script, set()).update(word.split("=")[0] for word in words if word.startswith("--"))
+    return flags
+
+
+@pytest.mark.parametrize("script", sorted(readme_commands()))
+def test_every_flag_the_readme_gives_a_script_exists(script):
+    helped = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    missing = sorted(flag for flag in readme_commands()[script] if flag not in helped.stdout)
+    assert not missing, f"the README gives {script} flags it does not have: {missing}"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_and_picture_of_the_readme_resolves():
+    anchors = {slug(heading) for heading in re.findall(r"^#+ (.*)$", README, re.M)}
+    for target in re.findall(r"\]\(([^)\s]+)\)", README):
+        if target.startswith(("http://", "https://")):
+            continue
+        if target.startswith("#"):
+            assert target[1:] in anchors, f"no heading for the link {target}"
+        else:
+            assert (ROOT / target).exists(), f"the README links to {target}, which does not exist"
+
+
+def test_the_scores_the_readme_quotes_for_published_weights_are_those_the_files_record():
+    rows = re.findall(r"^\| `(weights/[\w.]+)` \| (\d+) \| (\d+) \| [\w ]+? ([\d.]+) \((\d+) samples\)", README, re.M)
+    assert rows, "the README's table of published weights is missing"
+    for path, seed, step, value, n in rows:
+        weights = torch.load(ROOT / path, weights_only=True)
+        score = weights["score"]
+        assert (weights["config"]["seed"], weights["step"]) == (int(seed), int(step)), path
+        assert (f"{score['value']:.2f}", score["n"]) == (value, int(n)), path
+        assert f"`{score['command']}`" in README, f"the README does not give the command that reproduces {path}"
