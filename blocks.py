@@ -7,13 +7,22 @@ from attention import SelfAttention, attention_gammas
 from spectral import maybe_spectral_norm
 
 INITS = ("default", "normal", "orthogonal")
+# How a conditional G hears its class: 'shared' (BigGAN's: one class embedding, mapped by a linear layer per BatchNorm
+# to its gain and bias) or 'per-class' (a table of gains and biases per class in each BatchNorm, as before).
+CONDITIONINGS = ("shared", "per-class")
+CLASS_EMBEDDING_DIM = 128  # BigGAN's shared embedding width
 
 
 def up_block(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int, spectral_norm: bool,
-             num_classes: int = 0) -> list[nn.Module]:
+             num_classes: int = 0, conditioning: str = "shared") -> list[nn.Module]:
     """Generator block: (spectral-normed) ConvTranspose2d, BatchNorm (class-conditional when num_classes), ReLU."""
     conv = nn.ConvTranspose2d(in_channels, out_channels, kernel, stride, padding)
-    norm = ConditionalBatchNorm2d(out_channels, num_classes) if num_classes else nn.BatchNorm2d(out_channels)
+    if not num_classes:
+        norm = nn.BatchNorm2d(out_channels)
+    elif conditioning == "shared":
+        norm = SharedClassBatchNorm2d(out_channels, CLASS_EMBEDDING_DIM, spectral_norm)
+    else:
+        norm = ConditionalBatchNorm2d(out_channels, num_classes)
     return [maybe_spectral_norm(conv, spectral_norm), norm, nn.ReLU(inplace=True)]
 
 
@@ -39,6 +48,25 @@ class ConditionalBatchNorm2d(nn.Module):
         return self.norm(x) * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
 
 
+class SharedClassBatchNorm2d(nn.Module):
+    """BatchNorm without affine parameters of its own, then gain 1 + W_g e and bias W_b e from the class embedding e
+    that the generator shares across its BatchNorms (BigGAN's conditional BatchNorm). Every class moves through the
+    shared W_g and W_b as well as its own embedding, so a class's gains move many times faster under Adam than the
+    entries of a per-class table (each of which moves at most about the learning rate a step)."""
+
+    def __init__(self, channels: int, embedding_dim: int, spectral_norm: bool):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gain = maybe_spectral_norm(nn.Linear(embedding_dim, channels, bias=False), spectral_norm)
+        self.bias = maybe_spectral_norm(nn.Linear(embedding_dim, channels, bias=False), spectral_norm)
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * (1 + self.gain(embedding))[:, :, None, None] + self.bias(embedding)[:, :, None, None]
+
+
+CLASS_NORMS = (ConditionalBatchNorm2d, SharedClassBatchNorm2d)
+
+
 class _GANNetwork(nn.Module):
     """Holds the constructor options; the model files' build() lists the layers, and this assembles them.
 
@@ -50,11 +78,13 @@ class _GANNetwork(nn.Module):
     default_attn_sizes: tuple[int, ...]
 
     def __init__(self, attn: bool, conv_dim: int, spectral_norm: bool, attn_variant: str,
-                 attn_sizes: tuple[int, ...] | None, num_classes: int):
+                 attn_sizes: tuple[int, ...] | None, num_classes: int, conditioning: str):
         super().__init__()
         if num_classes < 0 or num_classes == 1:
             raise ValueError(f"num_classes must be 0 (unconditional) or at least 2, got {num_classes}")
-        self.num_classes = num_classes
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
+        self.num_classes, self.conditioning = num_classes, conditioning
         if conv_dim < 8 or conv_dim % 8:
             raise ValueError(f"conv_dim must be a positive multiple of 8, got {conv_dim}")
         self.attn, self.conv_dim, self.spectral_norm, self.attn_variant = attn, conv_dim, spectral_norm, attn_variant
@@ -73,7 +103,8 @@ class _GANNetwork(nn.Module):
         return nn.Sequential(*layers)
 
     def up_block(self, in_channels: int, out_channels: int, kernel: int, stride: int, padding: int) -> list[nn.Module]:
-        return up_block(in_channels, out_channels, kernel, stride, padding, self.spectral_norm, self.num_classes)
+        return up_block(in_channels, out_channels, kernel, stride, padding, self.spectral_norm, self.num_classes,
+                        self.conditioning)
 
     def down_block(self, in_channels: int, out_channels: int) -> list[nn.Module]:
         return down_block(in_channels, out_channels, self.spectral_norm)
@@ -113,11 +144,14 @@ class GeneratorBase(_GANNetwork):
     image_shape: tuple[int, int, int]
 
     def __init__(self, attn: bool = True, z_dim: int = 100, conv_dim: int = 64, spectral_norm: bool = True,
-                 attn_variant: str = "original", attn_sizes: tuple[int, ...] | None = None, num_classes: int = 0):
-        super().__init__(attn, conv_dim, spectral_norm, attn_variant, attn_sizes, num_classes)
+                 attn_variant: str = "original", attn_sizes: tuple[int, ...] | None = None, num_classes: int = 0,
+                 conditioning: str = "shared"):
+        super().__init__(attn, conv_dim, spectral_norm, attn_variant, attn_sizes, num_classes, conditioning)
         if z_dim < 1:
             raise ValueError(f"z_dim must be positive, got {z_dim}")
         self.z_dim = z_dim
+        if num_classes and conditioning == "shared":
+            self.class_embedding = nn.Embedding(num_classes, CLASS_EMBEDDING_DIM)
         self.net = self.assemble()
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,8 +162,9 @@ class GeneratorBase(_GANNetwork):
         x = z.view(z.shape[0], self.z_dim, 1, 1)
         if not self.num_classes:
             return self.net(x)
+        condition = self.class_embedding(y) if self.conditioning == "shared" else y
         for layer in self.net:
-            x = layer(x, y) if isinstance(layer, ConditionalBatchNorm2d) else layer(x)
+            x = layer(x, condition) if isinstance(layer, CLASS_NORMS) else layer(x)
         return x
 
     @torch.no_grad()
@@ -158,12 +193,15 @@ class DiscriminatorBase(_GANNetwork):
     image_shape: tuple[int, int, int]
 
     def __init__(self, attn: bool = True, conv_dim: int = 64, spectral_norm: bool = True, attn_variant: str = "original",
-                 attn_sizes: tuple[int, ...] | None = None, num_classes: int = 0):
-        super().__init__(attn, conv_dim, spectral_norm, attn_variant, attn_sizes, num_classes)
+                 attn_sizes: tuple[int, ...] | None = None, num_classes: int = 0, conditioning: str = "shared"):
+        super().__init__(attn, conv_dim, spectral_norm, attn_variant, attn_sizes, num_classes, conditioning)
         self.net = self.assemble()
         if num_classes:  # the projection discriminator's class embedding (Miyato & Koyama 2018)
-            features = self.net[-1].in_channels  # what the last layer (the logit) reads
-            self.embed = maybe_spectral_norm(nn.Embedding(num_classes, features), spectral_norm)
+            embed = nn.Embedding(num_classes, self.net[-1].in_channels)  # as wide as what the logit layer reads
+            if conditioning == "shared":
+                # xavier, as mimicry's SNGAN: torch's N(0, 1) rows, rescaled by spectral norm, barely turn in training
+                nn.init.xavier_uniform_(embed.weight)
+            self.embed = maybe_spectral_norm(embed, spectral_norm)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, C, H, W) and, for a conditional D, class labels y (B,) -> logits (B,).
@@ -189,9 +227,10 @@ def initialise(model: nn.Module, scheme: str) -> None:
     if scheme == "default":
         return
     class_norms = {id(m) for norm in model.modules() if isinstance(norm, ConditionalBatchNorm2d) for m in (norm.gain, norm.bias)}
+    # per-class tables start at gain 1 and bias 0, like plain BatchNorm's; shared ones are linear layers, initialised
     for module in model.modules():
         if id(module) in class_norms:
-            continue  # conditional BatchNorm's gains start at 1 and biases at 0, like plain BatchNorm's
+            continue
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
             weight = module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
             if scheme == "normal":

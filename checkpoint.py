@@ -151,6 +151,8 @@ def load_generator(path: str | Path, *, ema: bool = True, device: str | torch.de
     state = load_checkpoint(path, device)
     if "model_kwargs" in state:  # a published weights file
         kwargs, image_size, config = state["model_kwargs"], state["image_size"], state.get("config", {})
+        if kwargs.get("num_classes"):  # files published before conditioning was a keyword had per-class tables
+            kwargs = {"conditioning": "per-class", **kwargs}
         weights, used_ema = state["G"], bool(state.get("ema", False))
     else:
         config = state["config"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import data
 from attention import ATTENTION_VARIANTS
 from augment import parse_policy
-from blocks import INITS
+from blocks import CONDITIONINGS, INITS
 from models import model_module
 
 LOSSES = ("hinge", "nonsaturating", "wgan-gp")
@@ -48,6 +48,9 @@ class TrainConfig:
     spectral_norm: bool = _field(True, "spectral norm in G and D (--no-spectral-norm: plain DCGAN layers)")
     conditional: bool = _field(False, "class-conditional G (conditional BatchNorm) and D (projection), trained on labels")
     num_classes: int = _field(0, "classes of a conditional run (0: as many as the dataset has)")
+    conditioning: str = _field("shared", "how a conditional G hears its class: 'shared' (BigGAN's: one class embedding, "
+                                         "a linear map to each BatchNorm's gain and bias) or 'per-class' (a table of "
+                                         "gains and biases per class in each BatchNorm)")
     init: str = _field("default", "weight initialisation: default (torch's), normal (DCGAN's N(0, 0.02)) or orthogonal")
     # optimisation
     steps: int = _field(2000, "generator updates in total")
@@ -118,6 +121,7 @@ class TrainConfig:
         require(self.image_size in (28, 64), "image_size", "28 or 64")
         require(self.attn_variant in ATTENTION_VARIANTS, "attn_variant", f"one of {', '.join(ATTENTION_VARIANTS)}")
         require(self.init in INITS, "init", f"one of {', '.join(INITS)}")
+        require(self.conditioning in CONDITIONINGS, "conditioning", f"one of {', '.join(CONDITIONINGS)}")
         require(self.clock in ("wall", "cpu"), "clock", "'wall' or 'cpu'")
         try:
             parse_policy(self.augment)
@@ -157,7 +161,8 @@ class ConfigError(ValueError):
 # The original project's recipe (https://github.com/franknb/Self-attention-DCGAN): every field it fixes.
 ORIGINAL = dict(g_lr=1e-4, d_lr=4e-4, beta1=0.0, beta2=0.9, batch_size=64, loss="hinge", d_steps=1, z_dim=100, conv_dim=64,
                 attn_variant="original", g_attn_sizes=None, d_attn_sizes=None, spectral_norm=True, init="default",
-                augment="", r1_weight=0.0, reuse_fakes=False, ema_decay=0.0, ema_start=0, ema_rampup=0.0, lr_decay=0.0)
+                augment="", r1_weight=0.0, reuse_fakes=False, ema_decay=0.0, ema_start=0, ema_rampup=0.0, lr_decay=0.0,
+                conditioning="per-class")
 # Every named recipe or change of one: the fields it sets. 'default' and 'original' are whole recipes; the others
 # change whatever recipe comes before them in a '+'-joined name.
 RECIPES = {
@@ -176,6 +181,7 @@ RECIPES = {
     "d-steps-2": dict(d_steps=2),
     "batch-128": dict(batch_size=128),
     "conditional": dict(conditional=True),
+    "per-class": dict(conditioning="per-class"),
 }
 WHOLE_RECIPES = ("default", "original")
 

@@ -23,8 +23,8 @@ def generator_kwargs(config: dict) -> dict:
     kwargs = {key: config[key] for key in ("attn", "z_dim", "conv_dim", "spectral_norm", "attn_variant")}
     if config.get("g_attn_sizes") is not None:
         kwargs["attn_sizes"] = tuple(config["g_attn_sizes"])
-    if config.get("num_classes"):
-        kwargs["num_classes"] = config["num_classes"]
+    if config.get("num_classes"):  # runs before conditioning was a field had per-class tables
+        kwargs |= {"num_classes": config["num_classes"], "conditioning": config.get("conditioning", "per-class")}
     return kwargs
 
 
@@ -33,6 +33,7 @@ def discriminator_kwargs(config: dict) -> dict:
     kwargs = {key: config[key] for key in ("attn", "conv_dim", "spectral_norm", "attn_variant")}
     kwargs["attn_sizes"] = None if config.get("d_attn_sizes") is None else tuple(config["d_attn_sizes"])
     kwargs["num_classes"] = config.get("num_classes") or 0
+    kwargs["conditioning"] = config.get("conditioning", "per-class")
     return kwargs
 
 

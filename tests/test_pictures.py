@@ -246,7 +246,7 @@ def test_attention_picker_offers_every_pixel():
 
 def test_class_grid_draws_one_row_per_class_with_the_same_noise_down_each_column():
     torch.manual_seed(0)
-    G = model_28.Generator(num_classes=10, conv_dim=16)
+    G = model_28.Generator(num_classes=10, conv_dim=16, conditioning="per-class")
     with torch.no_grad():  # make each class distinct: its own bias on the first conditional BatchNorm
         G.net[1].bias.weight.copy_(torch.arange(10.0)[:, None].expand(10, G.net[1].bias.weight.shape[1]))
     grid = pictures.class_grid(G, per_class=4)
