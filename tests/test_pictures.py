@@ -300,3 +300,18 @@ def test_diagrams_are_drawn_from_the_models_real_shapes(tmp_path):
     for path in paths:
         assert_image = Image.open(path)
         assert assert_image.width > 800
+
+
+def test_attention_report_averages_the_statistics_over_samples_and_measures_the_score_gap():
+    torch.manual_seed(0)
+    G = model_64.Generator(conv_dim=8).eval()
+    report = pictures.attention_report(G, n=2)
+    assert [(row["layer"], row["queries"], row["keys"]) for row in report] == [(0, 256, 256), (1, 1024, 1024)]
+    for row in report:
+        assert 0 <= row["entropy"] <= 1 and 0 <= row["overlap"] <= 1 and 0 < row["top_key_share"] <= 1
+        assert row["score_gap"] > 0 and row["gamma"] == 0.0
+    with torch.no_grad():  # sharper scores: a larger gap and lower entropy
+        for layer in attention_layers(G):
+            layer.query.weight.mul_(20)
+    sharper = pictures.attention_report(G, n=2)
+    assert all(s["score_gap"] > r["score_gap"] and s["entropy"] < r["entropy"] for s, r in zip(sharper, report))
