@@ -22,8 +22,8 @@ from torch import nn
 
 from spectral import maybe_spectral_norm
 
-AttentionVariant = Literal["original", "paper"]
-ATTENTION_VARIANTS = ("original", "paper")
+AttentionVariant = Literal["original", "scaled", "paper"]
+ATTENTION_VARIANTS = ("original", "scaled", "paper")
 
 
 def _matrix(conv: nn.Conv2d) -> torch.Tensor:
@@ -35,7 +35,9 @@ class SelfAttention(nn.Module):
     """SAGAN self-attention over the H*W pixels of a (B, C, H, W) feature map.
 
     variant='original' (the original project, https://github.com/franknb/Self-attention-DCGAN): query/key C/2,
-    value C, full-resolution keys.
+    value C, full-resolution keys, and raw scores q.k, as SAGAN has them.
+    variant='scaled': the original with scores q.k / sqrt(C/2), as in Vaswani et al.'s attention, so that wide
+    queries and keys do not saturate the softmax.
     variant='paper' (the SAGAN authors' release, BigGAN): query/key C/8, value C/2, keys and values
     2x2 max-pooled, and a 1x1 output conv back to C channels.
     """
@@ -44,9 +46,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         if variant not in ATTENTION_VARIANTS:
             raise ValueError(f"attn_variant must be one of {ATTENTION_VARIANTS}, got {variant!r}")
-        qk_channels, value_channels = (channels // 2, channels) if variant == "original" else (channels // 8, channels // 2)
+        qk_channels, value_channels = (channels // 8, channels // 2) if variant == "paper" else (channels // 2, channels)
         sn = lambda conv: maybe_spectral_norm(conv, spectral_norm)  # noqa: E731
         self.variant = variant
+        self.scale = qk_channels ** -0.5 if variant == "scaled" else 1.0
         self.query = sn(nn.Conv2d(channels, qk_channels, 1))
         self.key = sn(nn.Conv2d(channels, qk_channels, 1))
         self.value = sn(nn.Conv2d(channels, value_channels, 1))
@@ -57,7 +60,7 @@ class SelfAttention(nn.Module):
         """Queries (B, N, W), keys (B, Nk, W) and values (B, Nk, W) as pixel-major sequences, W the value
         width: queries and keys zero-padded to it, and in the 'original' variant the values times gamma."""
         value_weight, value_bias = _matrix(self.value), self.value.bias
-        if self.variant == "original":
+        if self.variant != "paper":
             value_weight, value_bias = self.gamma * value_weight, self.gamma * value_bias
         weight = torch.cat([_matrix(self.query), _matrix(self.key), value_weight])
         bias = torch.cat([self.query.bias, self.key.bias, value_bias])
@@ -75,18 +78,18 @@ class SelfAttention(nn.Module):
 
     def _output(self, attended: torch.Tensor) -> torch.Tensor:
         """The attended values (B, N, W) mapped back to C channels and scaled by gamma."""
-        if self.variant == "original":
+        if self.variant != "paper":
             return attended  # gamma is already in the values
         return F.linear(attended, self.gamma * _matrix(self.out), self.gamma * self.out.bias)
 
-    @staticmethod
-    def _attend_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # The SDPA kernels keep the softmax in fp32 under autocast; scale=1.0 keeps SAGAN's raw q.k.
-        return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0).squeeze(1)
+    def _attend_fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # The SDPA kernels keep the softmax in fp32 under autocast; an explicit scale (1.0: SAGAN's raw q.k), as the
+        # padding of q and k would change SDPA's default 1/sqrt(width).
+        return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=self.scale).squeeze(1)
 
-    @staticmethod
-    def _attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        attention = torch.softmax(torch.bmm(q, k.transpose(1, 2)).float(), dim=-1)
+    def _attend_explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.bmm(q, k.transpose(1, 2))
+        attention = torch.softmax((scores if self.scale == 1.0 else scores * self.scale).float(), dim=-1)
         return torch.bmm(attention.to(v.dtype), v), attention
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):

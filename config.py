@@ -38,7 +38,8 @@ class TrainConfig:
     synthetic_size: int = _field(2048, "number of images of the synthetic set")
     # model
     attn: bool = _field(True, "self-attention layers (--no-attn: the DCGAN baseline)")
-    attn_variant: str = _field("original", "'original' (q/k C/2, v C) or 'paper' (q/k C/8, v C/2, pooled keys)")
+    attn_variant: str = _field("original", "'original' (q/k C/2, v C, raw scores), 'scaled' (the same, scores / sqrt(C/2)) "
+                                           "or 'paper' (q/k C/8, v C/2, pooled keys)")
     g_attn_sizes: tuple[int, ...] | None = _field(None, "sizes of G's feature maps that attention follows (default: the "
                                                         "original's, 14 at 28x28, 16 32 at 64x64)")
     d_attn_sizes: tuple[int, ...] | None = _field(None, "sizes of D's feature maps that attention follows (default: the "
@@ -176,6 +177,7 @@ RECIPES = {
     "ema": dict(ema_decay=0.999, ema_rampup=0.05),
     "d-attn-7": dict(d_attn_sizes=(7,)),
     "paper": dict(attn_variant="paper"),
+    "scaled": dict(attn_variant="scaled"),
     "diffaugment": dict(augment="translation,cutout"),
     "r1": dict(r1_weight=0.1),
     "d-steps-2": dict(d_steps=2),

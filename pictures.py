@@ -432,7 +432,7 @@ def attention_report(G: nn.Module, n: int = 8, seed: int = 0) -> list[dict[str, 
     def record(index):
         def hook(layer, inputs, output):
             q, k, _ = layer._project(inputs[0])
-            scores = torch.bmm(q, k.transpose(1, 2)).float()
+            scores = torch.bmm(q, k.transpose(1, 2)).float() * layer.scale  # what the softmax gets
             gaps[index].append((scores.max(dim=-1).values - scores.median(dim=-1).values).mean().item())
         return hook
 

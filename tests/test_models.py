@@ -14,7 +14,7 @@ from spectral import largest_singular_value, spectral_normed_modules
 ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = [model_28, model_64]
-VARIANTS = ["original", "paper"]
+VARIANTS = ["original", "scaled", "paper"]
 
 
 def _build(module, attn=True, variant="original", **kwargs):
@@ -104,7 +104,7 @@ def test_fused_path_equals_explicit_path(variant, channels_last):
     (explicit * upstream).sum().backward()
     grads_explicit = [x_explicit.grad] + [p.grad.clone() for p in compared]
 
-    keys = 256 if variant == "original" else 64
+    keys = 64 if variant == "paper" else 256
     assert attention.shape == (3, 256, keys)
     torch.testing.assert_close(attention.sum(-1), torch.ones(3, 256))
     assert not torch.equal(fused, x)
@@ -305,3 +305,17 @@ def test_the_published_per_class_conditional_weights_still_load():
     if "conditioning" not in info["model_kwargs"]:  # published before the shared conditioning existed
         assert G.conditioning == "per-class"
     assert G.sample(torch.randn(4, 100), torch.tensor([0, 1, 2, 3])).shape == (4, 1, 28, 28)
+
+
+def test_the_scaled_variant_divides_the_original_scores_by_the_square_root_of_the_query_width():
+    torch.manual_seed(0)
+    original = SelfAttention(64, "original")
+    scaled = SelfAttention(64, "scaled")
+    scaled.load_state_dict(original.state_dict())
+    x = torch.randn(2, 64, 8, 8)
+    with torch.no_grad():
+        q, k, _ = original._project(x)
+        expected = torch.softmax(torch.bmm(q, k.transpose(1, 2)) / 32 ** 0.5, dim=-1)
+        _, attention = scaled(x, return_attention=True)
+    torch.testing.assert_close(attention, expected)
+    assert scaled.scale == 32 ** -0.5 and original.scale == 1.0
