@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -473,6 +474,24 @@ def floor(dataset: str, n: int, *, seed: int = 0, shape: tuple[int, int, int] = 
     described = protocol(dataset, n, source, seed, None, options.get("metrics"), options.get("data_root"),
                          tuple(images.shape[1:]))
     return {**score(images, dataset, **options), "protocol": described}
+
+
+def training_scorer(config, device: torch.device) -> Callable[[torch.nn.Module], dict[str, float]] | None:
+    """A function scoring a generator for metrics.csv (evaluate.score on eval_n samples of the same seeded
+    noise every time, so the curve is comparable), or None for a run that never evaluates."""
+    if not (config.eval_every or config.eval_minutes):
+        return None
+    names = metric_names(config.dataset, conditional=config.conditional)
+    if "inception_fid" in names:
+        load_inception(device=device)  # fail before training starts, not at the first evaluation
+
+    def scorer(G: torch.nn.Module) -> dict[str, float]:
+        images, labels = generate(G, config.eval_n, seed=config.seed)
+        scores = score(images, config.dataset, labels=labels, data_root=config.data_root, device=device)
+        return {name: round(scores[name], 4) for name in names}
+
+    scorer.names = names
+    return scorer
 
 
 # ---------------------------------------------------------------- CLI

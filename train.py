@@ -13,12 +13,8 @@ Every TrainConfig field is a flag (`batch_size` -> `--batch-size`); notebooks ca
 """
 import argparse
 import dataclasses
-import signal
 import sys
-import threading
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -30,13 +26,15 @@ from torch.utils.data import Dataset
 
 import data
 import distributed
+import evaluate
 import rundir
 from checkpoint import CheckpointError, checkpoint_files, read_config
-from config import ARMS, LOSSES, RECIPES, ConfigError, TrainConfig, add_flags, arm_folder, field_overrides, resumed_config
+from config import (ARMS, LOSSES, RECIPES, ConfigError, TrainConfig, add_flags, arm_folder, field_overrides,
+                    resumed_config)
 from distributed import any_process, mean_over_processes
 from ema import update_ema
 from state import TrainState, build_state
-from utils import precision_name
+from utils import Stopwatch, closing, precision_name, stop_at_step_boundary
 
 
 class NonFiniteLossError(RuntimeError):
@@ -185,28 +183,6 @@ def train_step(state: TrainState) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-class Stopwatch:
-    """Seconds of training by the wall clock and by this process's CPU clock: counting on from a resumed run's
-    totals, and leaving out what runs while paused."""
-
-    def __init__(self, wall: float = 0.0, cpu: float = 0.0):
-        self._wall_origin = time.perf_counter() - wall
-        self._cpu_origin = time.process_time() - cpu
-
-    def read(self) -> tuple[float, float]:
-        """(wall seconds, CPU seconds)."""
-        return time.perf_counter() - self._wall_origin, time.process_time() - self._cpu_origin
-
-    @contextmanager
-    def paused(self):
-        wall, cpu = time.perf_counter(), time.process_time()
-        try:
-            yield
-        finally:
-            self._wall_origin += time.perf_counter() - wall
-            self._cpu_origin += time.process_time() - cpu
-
-
 def due(step: int, every_steps: int, seconds_before: float, seconds_after: float, every_minutes: float) -> bool:
     """A periodic task is due at a multiple of `every_steps` (0: never), or when the step carried the training time
     over a multiple of `every_minutes` (0: never)."""
@@ -230,26 +206,6 @@ def check_finite(metrics: dict[str, torch.Tensor], step: int, run_dir: Path) -> 
     kept = f"the last good checkpoint, {latest}, is intact" if latest.exists() else "no checkpoint was written yet"
     raise NonFiniteLossError(f"Non-finite loss at step {step} ({values}); {kept}. "
                              "Try lower learning rates, --precision fp32 or --loss hinge.")
-
-
-def training_scorer(config: TrainConfig, device: torch.device) -> Callable[[nn.Module], dict[str, float]] | None:
-    """A function scoring a generator for metrics.csv (evaluate.score on eval_n samples of the same seeded
-    noise every time, so the curve is comparable), or None for a run that never evaluates."""
-    if not (config.eval_every or config.eval_minutes):
-        return None
-    import evaluate
-
-    names = evaluate.metric_names(config.dataset, conditional=config.conditional)
-    if "inception_fid" in names:
-        evaluate.load_inception(device=device)  # fail before training starts, not at the first evaluation
-
-    def scorer(G: nn.Module) -> dict[str, float]:
-        images, labels = evaluate.generate(G, config.eval_n, seed=config.seed)
-        scores = evaluate.score(images, config.dataset, labels=labels, data_root=config.data_root, device=device)
-        return {name: round(scores[name], 4) for name in names}
-
-    scorer.names = names
-    return scorer
 
 
 def evaluation_row(state: TrainState, scorer) -> dict[str, float]:
@@ -290,7 +246,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
         raise ConfigError(f"{run_dir} already holds a run: resume it (--resume {run_dir}) or choose another --out")
     state = build_state(config, dataset, device, job)
     grid_inputs = rundir.open_run(state, run_dir, resume)
-    scorer = training_scorer(config, device) if job.is_main else None
+    scorer = evaluate.training_scorer(config, device) if job.is_main else None
     log = rundir.RunLog(run_dir, log_columns(state, scorer), state.step) if job.is_main else None
     if job.is_main:
         rundir.record_session(state, run_dir)
@@ -358,37 +314,6 @@ def classes_of(dataset: Dataset, config: TrainConfig) -> int:
     if config.num_classes not in (0, classes):
         raise ConfigError(f"num_classes is {config.num_classes}, but {config.dataset} has {classes} classes")
     return classes
-
-
-@contextmanager
-def stop_at_step_boundary():
-    """Ctrl-C (or a notebook's interrupt) sets a flag the loop checks between steps, so the run can
-    checkpoint a consistent state and stop; a second Ctrl-C interrupts at once."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-
-    def handler(signum, frame):
-        requested.set()
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextmanager
-def closing(*closables):
-    """Close each of these that is not None on the way out, however the block ends."""
-    try:
-        yield
-    finally:
-        for closable in closables:
-            if closable is not None:
-                closable.close()
 
 
 def progress_bar(config: TrainConfig, start: int, precision: str, disable: bool):

@@ -1,5 +1,10 @@
-"""Helpers the notebooks and scripts share around training: device and precision choice, image conversion."""
+"""Helpers the notebooks and scripts share around training: device and precision choice, image conversion, the
+training clock and a Ctrl-C that waits for the end of a step."""
 import platform
+import signal
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,3 +72,56 @@ def memory_format_for(device: torch.device, channels_last: bool | None = None) -
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """Model images in [-1, 1] -> [0, 1], clamped."""
     return images.add(1).div(2).clamp(0, 1)
+
+
+class Stopwatch:
+    """Seconds of training by the wall clock and by this process's CPU clock: counting on from a resumed run's
+    totals, and leaving out what runs while paused."""
+
+    def __init__(self, wall: float = 0.0, cpu: float = 0.0):
+        self._wall_origin = time.perf_counter() - wall
+        self._cpu_origin = time.process_time() - cpu
+
+    def read(self) -> tuple[float, float]:
+        """(wall seconds, CPU seconds)."""
+        return time.perf_counter() - self._wall_origin, time.process_time() - self._cpu_origin
+
+    @contextmanager
+    def paused(self):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self._wall_origin += time.perf_counter() - wall
+            self._cpu_origin += time.process_time() - cpu
+
+
+@contextmanager
+def stop_at_step_boundary():
+    """Ctrl-C (or a notebook's interrupt) sets a flag the loop checks between steps, so the run can
+    checkpoint a consistent state and stop; a second Ctrl-C interrupts at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        requested.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def closing(*closables):
+    """Close each of these that is not None on the way out, however the block ends."""
+    try:
+        yield
+    finally:
+        for closable in closables:
+            if closable is not None:
+                closable.close()

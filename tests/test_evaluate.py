@@ -236,7 +236,7 @@ def test_the_training_scorer_fills_its_columns(data_root):
     import train
 
     config = train.TrainConfig(dataset="mnist-5k", data_root=str(data_root), seed=3, eval_every=1, eval_n=500)
-    scorer = train.training_scorer(config, torch.device("cpu"))
+    scorer = evaluate.training_scorer(config, torch.device("cpu"))
     digits = evaluate._real_images("mnist", "floor", 500, data_root, seed=2)
     row = scorer(_ReplayGenerator(digits))
     assert list(row) == scorer.names == ["classifier_fid", "classifier_score", "classes_covered"]

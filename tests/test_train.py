@@ -18,6 +18,7 @@ from config import ConfigError, TrainConfig
 from ema import standing_statistics
 from state import build_state
 from train import NonFiniteLossError
+from utils import Stopwatch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -365,7 +366,7 @@ def test_a_time_budget_stops_the_run_and_evaluates_at_each_multiple_of_eval_minu
 
 
 def test_the_training_clock_leaves_out_what_runs_while_paused():
-    clock = train.Stopwatch(100.0, 50.0)
+    clock = Stopwatch(100.0, 50.0)
     with clock.paused():
         time.sleep(0.3)
         sum(i * i for i in range(2_000_000))  # CPU work
