@@ -269,30 +269,33 @@ def group_style(name: str, recipes: list[str], index: int) -> tuple[str, str, st
     return f"{recipe}, {ARMS[arm].label}", colour, "-" if arm == "sagan" else "--"
 
 
-def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None = None) -> Figure:
-    """FID of a study's groups (study.summarise) against minutes of training or images seen: the median over seeds
-    as a line, their range as a band, log scale; a panel for the trained G and one for its EMA where runs kept one."""
+def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None = None, metric: str = "fid") -> Figure:
+    """FID (or, with metric='accuracy', the requested-class accuracy) of a study's groups (study.summarise) against
+    minutes of training, images seen or steps: the median over seeds as a line, their range as a band (FID on a log
+    scale); a panel for the trained G and one for its EMA where runs kept one."""
     labels = {"minutes": "minutes of training", "images": "images seen", "step": "step"}
     groups = summary["groups"]
     recipes = list(dict.fromkeys(name.split("/")[0] for name in groups))
-    panels = [(key, title) for key, title in (("fid", "trained G"), ("ema_fid", "EMA of G"))
-              if any(point[key] for group in groups.values() for point in group["curve"])]
+    name = summary.get("metric", "fid").replace("_", " ").replace("fid", "FID")
+    ylabel = (f"{name} (median, min-max over seeds; lower is better)" if metric == "fid" else
+              "requested class read back (median, min-max over seeds)")
+    panels = [(key, title) for key, title in ((metric, "trained G"), (f"ema_{metric}", "EMA of G"))
+              if any(point.get(key) for group in groups.values() for point in group["curve"])]
     figure = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
     axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for axis, (fid_key, title) in zip(axes, panels):
-        for index, (name, group) in enumerate(groups.items()):
-            points = [p for p in group["curve"] if p[fid_key]]
+        for index, (group_name, group) in enumerate(groups.items()):
+            points = [p for p in group["curve"] if p.get(fid_key)]
             if not points:
                 continue
-            label, colour, style = group_style(name, recipes, index)
+            label, colour, style = group_style(group_name, recipes, index)
             seeds = len(group["seeds"])
             x = [p[axis_key]["median"] for p in points]
             axis.plot(x, [p[fid_key]["median"] for p in points], style, color=colour,
                       label=f"{label} ({seeds} seed{'s' if seeds > 1 else ''})")
             axis.fill_between(x, [p[fid_key]["min"] for p in points], [p[fid_key]["max"] for p in points],
                               color=colour, alpha=0.15)
-        axis.set(xlabel=labels[axis_key], ylabel="FID (median, min-max over seeds; lower is better)", yscale="log",
-                 title=title)
+        axis.set(xlabel=labels[axis_key], ylabel=ylabel, yscale="log" if metric == "fid" else "linear", title=title)
         axis.legend(fontsize="x-small")
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

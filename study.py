@@ -171,9 +171,10 @@ def read_run(folder: Path) -> dict:
     with open(folder / "metrics.csv", newline="") as f:
         rows = [row for row in csv.DictReader(f) if row.get(metric)]
     clock = f"{config['clock']}_time"
+    number = lambda row, column: float(row[column]) if row.get(column) else None  # noqa: E731
     evaluations = [{"minutes": float(row[clock]) / 60, "images": int(row["step"]) * config["batch_size"],
-                    "step": int(row["step"]), "fid": float(row[metric]),
-                    "ema_fid": float(row[f"ema_{metric}"]) if row.get(f"ema_{metric}") else None}
+                    "step": int(row["step"]), "fid": float(row[metric]), "ema_fid": number(row, f"ema_{metric}"),
+                    "accuracy": number(row, "requested_accuracy"), "ema_accuracy": number(row, "ema_requested_accuracy")}
                    for row in rows]
     record_path = folder.parent / f"{folder.name}.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"legs": {}, "milestones": {}}
@@ -201,7 +202,8 @@ def summarise_group(runs: list[dict], period: float, unit: str = "minutes") -> d
         points = list(ticks[tick].values())
         if len(points) < len(runs):
             continue  # not every seed reached it
-        table.append({key: spread([p[key] for p in points]) for key in ("minutes", "images", "step", "fid", "ema_fid")})
+        table.append({key: spread([p.get(key) for p in points])
+                      for key in ("minutes", "images", "step", "fid", "ema_fid", "accuracy", "ema_accuracy")})
     milestones = {}
     for key in sorted({k for run in runs for k in run["record"]["milestones"]}, key=float):
         points = [run["record"]["milestones"].get(key) for run in runs]
@@ -232,13 +234,18 @@ def summarise(out: Path, period: float = 1.0, unit: str = "minutes") -> dict:
     import pictures
 
     out = Path(out)
-    summary = {"machine": machine(), "unit": unit, "period": period,
+    groups = study_groups(out)
+    first = json.loads((next(iter(groups.values()))[0] / "config.json").read_text()) if groups else {"dataset": "mnist"}
+    summary = {"machine": machine(), "unit": unit, "period": period, "metric": fid_metric(first["dataset"]),
                "groups": {name: summarise_group([read_run(f) for f in folders], period, unit)
-                          for name, folders in study_groups(out).items()}}
+                          for name, folders in groups.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(markdown(summary))
     for axis, name in (("minutes", "fid_vs_minutes.png"), ("images", "fid_vs_images.png")):
         pictures.plot_fid(summary, axis, out / name)
+    if any(point["accuracy"] for group in summary["groups"].values() for point in group["curve"]):
+        for axis, name in (("step", "accuracy_vs_steps.png"), ("minutes", "accuracy_vs_minutes.png")):
+            pictures.plot_fid(summary, axis, out / name, metric="accuracy")
     return summary
 
 
