@@ -255,6 +255,10 @@ def check_resumable(saved: dict, config: TrainConfig) -> None:
     saved = dataclasses.asdict(TrainConfig(**complete_config(saved)))  # as the run trained, lists read as tuples
     clashes = [f"{name}: run has {saved[name]!r}, asked for {wanted[name]!r}"
                for name in wanted if name not in RESUMABLE_OVERRIDES and saved[name] != wanted[name]]
+    if saved["lr_decay"] and (saved["steps"], saved["minutes"]) != (wanted["steps"], wanted["minutes"]):
+        clashes.append(f"steps and minutes: run has {saved['steps']!r} and {saved['minutes']!r}, asked for "
+                       f"{wanted['steps']!r} and {wanted['minutes']!r}; with lr_decay the learning rates decay over the "
+                       f"budget, so a new budget would change the schedule it has half run")
     if clashes:
         raise ConfigError("Cannot resume: these settings differ from the run's config.json (start a new run instead):\n  "
                           + "\n  ".join(clashes))
@@ -290,18 +294,10 @@ def field_overrides(namespace: argparse.Namespace) -> dict:
     return {name: value for name, value in vars(namespace).items() if name in names}
 
 
-def with_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
-    """config with some fields replaced; an unknown name is a ConfigError naming it (and the fields that exist)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"TrainConfig has no field {', '.join(map(repr, unknown))}; its fields are: {', '.join(sorted(names))}")
-    return dataclasses.replace(config, **overrides)
-
-
 # ---------------------------------------------------------------------------------------------- notebooks
 
 IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit"}  # what a kernel's namespace holds before any cell runs
+PARAMETER_TYPES = (bool, int, float, str, tuple, list, type(None))  # what a parameters cell can hold
 
 
 def notebook_config(namespace: dict, notebook_settings: tuple[str, ...]) -> tuple[TrainConfig, dict]:
@@ -309,10 +305,10 @@ def notebook_config(namespace: dict, notebook_settings: tuple[str, ...]) -> tupl
     injected after it): `recipe` picks the recipe, a TrainConfig field set to anything but None overrides it, the
     names in notebook_settings are returned apart, and any other name is a ConfigError naming it.
 
-    Call it before the notebook defines anything else: it reads every plain value in `namespace` (globals())."""
+    It reads the plain values (numbers, strings, lists, None) of `namespace` (globals()), so the notebook's own cells
+    keep their plain values out of globals (comprehensions, attributes), and the cell can be run again."""
     values = {name: value for name, value in namespace.items()
-              if not name.startswith("_") and name not in IPYTHON_NAMES and not callable(value)
-              and type(value).__name__ != "module"}
+              if not name.startswith("_") and name not in IPYTHON_NAMES and isinstance(value, PARAMETER_TYPES)}
     recipe = values.pop("recipe", "default")
     settings = {name: values.pop(name) for name in notebook_settings if name in values}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -320,5 +316,6 @@ def notebook_config(namespace: dict, notebook_settings: tuple[str, ...]) -> tupl
     if unknown:
         raise ConfigError(f"unknown setting {', '.join(map(repr, unknown))} in the parameters cell: neither a TrainConfig "
                           f"field (python train.py --help lists them) nor one of this notebook's "
-                          f"({', '.join(notebook_settings)})")
+                          f"({', '.join(notebook_settings)}); a name you defined in a later cell: restart the kernel "
+                          f"and run all")
     return TrainConfig.from_recipe(recipe, **{name: value for name, value in values.items() if value is not None}), settings

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from tqdm import tqdm
 
 from config import ARMS
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                             on_cell_start=on_cell_start, on_cell_executed=on_cell_executed)
     try:
         client.execute()
-    except CellExecutionError as error:
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as error:
         if progress:
             progress.pop().close()
         nbformat.write(notebook, output)

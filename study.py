@@ -80,16 +80,22 @@ class Plan:
         """Where training pauses: each milestone, then the end of the budget."""
         return sorted({*self.milestones, self.budget})
 
-    def leg_settings(self, leg: float) -> dict:
-        """The TrainConfig fields that may differ from leg to leg (all of them resumable)."""
+    def run_settings(self) -> dict:
+        """The TrainConfig fields every run of the plan sets: the whole budget (a leg only pauses before its end, so
+        schedules over the budget such as --lr-decay run as in one go), evaluation, threads and data."""
         by_time = self.unit == "minutes"
-        return dict(minutes=leg if by_time else 0.0, steps=1_000_000 if by_time else int(leg), clock=self.clock,
-                    eval_minutes=self.eval_period if by_time else 0.0, eval_every=0 if by_time else int(self.eval_period),
-                    eval_n=self.eval_n, threads=self.threads, data_root=self.data_root, quiet=True)
+        return dict(minutes=self.budget if by_time else 0.0, steps=1_000_000 if by_time else int(self.budget),
+                    clock=self.clock, eval_minutes=self.eval_period if by_time else 0.0,
+                    eval_every=0 if by_time else int(self.eval_period), eval_n=self.eval_n, threads=self.threads,
+                    data_root=self.data_root, quiet=True)
 
-    def config(self, run: Run, leg: float) -> TrainConfig:
-        """The config of a run's leg: a new run from the recipe, or the run's config.json with this leg's budget."""
-        settings = self.leg_settings(leg) | {"out": str(run.folder)}
+    def pause(self, leg: float) -> dict:
+        """train()'s keywords that stop a run at the end of a leg."""
+        return {"pause_minutes": leg} if self.unit == "minutes" else {"pause_step": int(leg)}
+
+    def config(self, run: Run) -> TrainConfig:
+        """A run's config: a new run from the recipe, or the run's config.json with the plan's budget."""
+        settings = self.run_settings() | {"out": str(run.folder)}
         if (run.folder / "checkpoints" / "latest.pt").exists():
             return resumed_config(json.loads((run.folder / "config.json").read_text()), **settings)
         return TrainConfig.from_recipe(run.recipe, **{"dataset": self.dataset, "seed": run.seed,
@@ -121,11 +127,11 @@ def execute(run: Run, plan: Plan) -> None:
     for leg in plan.legs():
         key = f"{leg:g}"
         if key not in record["legs"]:
-            config = plan.config(run, leg)
+            config = plan.config(run)
             print(f"{datetime.now():%Y-%m-%d %H:%M:%S} {run.recipe}/{run.arm}-seed{run.seed}: training to {key} {plan.unit}",
                   flush=True)
             started, wall, cpu = datetime.now(timezone.utc), time.perf_counter(), time.process_time()
-            train.train(config, resume=config.out is not None and (run.folder / "config.json").exists())
+            train.train(config, resume=(run.folder / "config.json").exists(), **plan.pause(leg))
             record["legs"][key] = {"started": started.isoformat(timespec="seconds"),
                                    "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
             run.record_path.write_text(json.dumps(record, indent=2))

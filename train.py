@@ -223,12 +223,15 @@ def log_columns(state: TrainState, scorer) -> list[str]:
 
 
 def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool = False,
-          on_sample: Callable[[int, Path], None] | None = None) -> Path:
+          on_sample: Callable[[int, Path], None] | None = None, pause_minutes: float = 0.0, pause_step: int = 0) -> Path:
     """Train according to `config`; returns the run directory.
 
     dataset: use this dataset instead of loading config.dataset (items: (image in [-1, 1], label)).
     resume: continue the run in config.out from its latest checkpoint (train.py --resume does this).
     on_sample: called with (step, grid path) after each sample grid (the notebooks show it inline).
+    pause_minutes, pause_step: stop (checkpointed, to be resumed) once this much training time or this step is
+    reached, before the budget (config.steps, config.minutes) is spent; schedules over the budget (--lr-decay) are
+    unchanged by a pause, as they would be by a change of the budget.
     Ctrl-C checkpoints at the next step boundary, then raises KeyboardInterrupt.
     Under torchrun every process calls this; only rank 0 writes the run directory.
     """
@@ -253,7 +256,11 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     progress = progress_bar(config, state.step, precision_name(state.amp_dtype), disable=config.quiet or not job.is_main)
     clock = Stopwatch(state.wall_time, state.cpu_time)
     logged_at, images_since = state.wall_time, 0
-    last = state.step >= config.steps or out_of_time(state)
+    def finished() -> bool:
+        paused = (pause_step and state.step >= pause_step) or 0 < pause_minutes * 60 <= state.training_seconds()
+        return state.step >= config.steps or out_of_time(state) or bool(paused)
+
+    last = finished()
     with stop_at_step_boundary() as stop_requested, closing(log, progress):
         while not last:
             before = state.training_seconds()
@@ -262,7 +269,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
             check_finite(metrics, state.step, run_dir)
             progress.update(1)
             images_since += config.batch_size * job.world_size
-            last = state.step >= config.steps or any_process(job.is_main and out_of_time(state), job, device)
+            last = any_process(job.is_main and finished(), job, device)
             evaluating = scorer is not None and (last or due(state.step, config.eval_every, before,
                                                              state.training_seconds(), config.eval_minutes))
             if state.step % config.log_every == 0 or last or evaluating:

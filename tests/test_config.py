@@ -1,6 +1,7 @@
 """config.py: the recipes and their names, validation, resume rules, flags and notebook parameters."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,8 @@ def test_a_notebooks_parameters_become_a_config_and_an_unknown_name_is_refused_b
     assert settings == {"demo_dir": "demo"}
     with pytest.raises(ConfigError, match="unknown setting 'ema_decya' in the parameters cell"):
         config_module.notebook_config({**namespace, "ema_decya": 0.99}, ("demo_dir",))
+    # run again after the notebook's later cells: the objects they left in globals are not settings
+    later = {"config": config, "settings": settings, "demo": Path("demo"), "runs": {"sagan": Path("runs/sagan")},
+             "results": {"SAGAN": {"classifier_fid": 1.0}}, "training_set": object()}
+    again, _ = config_module.notebook_config({**namespace, **later, "steps": 60}, ("demo_dir", "eval_n"))
+    assert again.steps == 60

@@ -294,6 +294,21 @@ def test_a_file_datasets_reference_is_drawn_from_the_images_there_and_the_protoc
     assert images.shape == (6, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
     grey = evaluate._real_images("folder", "floor", 3, folder, 0, shape=(1, 28, 28))
     assert grey.shape == (3, 1, 28, 28)
-    assert "000100.jpg to 000105.jpg" in evaluate._floor_pool("folder", folder)
+    assert evaluate._floor_pool("folder", folder) == "6 folder images, 000100.jpg to 000110.jpg"
     with pytest.raises(ValueError, match="n=7 exceeds the 6 real celeba images"):
         evaluate._real_images("celeba", "floor", 7, tmp_path, 0)
+
+
+def test_a_folder_with_class_subfolders_puts_every_class_on_both_sides_of_its_reference(tmp_path):
+    from PIL import Image
+
+    for name in ("cats", "dogs"):
+        (tmp_path / name).mkdir()
+        for index in range(10):
+            Image.new("RGB", (8, 8), (index * 20, 0, 0)).save(tmp_path / name / f"{index:02d}.png")
+    floor_files, reference, found = evaluate._file_split("folder", tmp_path)
+    assert found == 20 and len(floor_files) == len(reference) == 10
+    for side in (floor_files, reference):
+        assert {path.parent.name for path in side} == {"cats", "dogs"}
+    assert not set(floor_files) & set(reference)
+    assert "every second one of 20 spread evenly" in evaluate._describe_reference("folder", tmp_path)["reference"]

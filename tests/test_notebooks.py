@@ -182,7 +182,7 @@ def test_the_celeba_notebook_trains_and_scores_any_folder_of_images(tmp_path):
                                        out=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
     check_outputs(notebook, tmp_path, "celebA", grid_size=2 + 8 * 66)
     table = "".join(output.text for output in code_cell(notebook, "comparison_table(").outputs if output.get("name") == "stdout")
-    assert "inception fid" in table and table.count("folder images img08.png to img15.png") == 1
+    assert "inception fid" in table and table.count("folder images img01.png to img15.png") == 1
 
 
 def test_an_unknown_setting_in_the_parameters_cell_stops_the_notebook_naming_it(tmp_path):

@@ -58,11 +58,12 @@ def test_a_group_of_a_step_budget_ticks_by_steps():
 def test_a_plan_builds_each_runs_config_from_its_recipe_and_arm_and_resumes_with_the_legs_budget(tmp_path):
     plan = study.Plan(dataset="mnist-5k", unit="minutes", budget=30, milestones=(10,), eval_period=1.0, eval_n=500,
                       threads=1, overrides={"sample_every": 50})
-    assert plan.legs() == [10, 30]
+    assert plan.legs() == [10, 30] and plan.pause(10) == {"pause_minutes": 10}
     run = study.Run("reuse-fakes+betas-0.5", "baseline", 2, tmp_path)
-    config = plan.config(run, 10)
+    config = plan.config(run)
     assert (config.reuse_fakes, config.beta1, config.beta2, config.attn, config.seed) == (True, 0.5, 0.999, False, 2)
-    assert (config.minutes, config.clock, config.eval_minutes, config.sample_every) == (10, "cpu", 1.0, 50)
+    # every leg has the whole budget (a leg pauses before it), so a schedule over the budget is the same in legs
+    assert (config.minutes, config.clock, config.eval_minutes, config.sample_every) == (30, "cpu", 1.0, 50)
     assert config.out == str(tmp_path / "reuse-fakes+betas-0.5" / "baseline-seed2")
     # once the run has a checkpoint, a later leg resumes its config.json with the new budget only
     run.folder.mkdir(parents=True)
@@ -70,5 +71,8 @@ def test_a_plan_builds_each_runs_config_from_its_recipe_and_arm_and_resumes_with
     (run.folder / "checkpoints" / "latest.pt").write_bytes(b"")
     saved = json.loads(json.dumps(__import__("dataclasses").asdict(config)))
     (run.folder / "config.json").write_text(json.dumps(saved | {"sample_every": 7}))
-    later = plan.config(run, 30)
+    later = plan.config(run)
     assert later.minutes == 30 and later.sample_every == 7 and later.reuse_fakes is True
+    by_steps = study.Plan(unit="steps", budget=5000, milestones=(1000,), eval_period=500)
+    assert by_steps.pause(1000) == {"pause_step": 1000}
+    assert by_steps.run_settings()["steps"] == 5000 and by_steps.run_settings()["eval_every"] == 500

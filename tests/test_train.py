@@ -519,3 +519,22 @@ def test_a_time_budget_decays_the_learning_rates_by_training_time(tmp_path):
     state = _state(tmp_path, steps=1000, minutes=10, lr_decay=0.5)
     state.cpu_time = state.wall_time = 7.5 * 60  # three quarters of the 10 minutes, under 1% of the steps
     assert train.learning_rate_scale(state) == pytest.approx(0.5)
+
+
+def test_a_run_paused_and_resumed_decays_its_learning_rates_as_one_that_ran_through(tmp_path):
+    """A pause (as study.py's milestones make) keeps the budget, so --lr-decay's schedule runs as in one go."""
+    settings = dict(steps=6, lr_decay=0.5, checkpoint_every=1000)
+    straight = train.train(tiny(tmp_path, "straight", **settings))
+    paused = train.train(tiny(tmp_path, "paused", **settings), pause_step=3)
+    assert load_checkpoint(paused)["step"] == 3
+    train.train(tiny(tmp_path, "paused", **settings), resume=True)
+    a, b = load_checkpoint(straight), load_checkpoint(paused)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(v, b["G"][k]) for k, v in a["G"].items())
+    assert a["opt_G"]["param_groups"][0]["lr"] == b["opt_G"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 2 / 6)
+
+
+def test_a_run_with_lr_decay_refuses_a_new_budget_on_resume(tmp_path):
+    train.train(tiny(tmp_path, steps=2, lr_decay=0.5))
+    with pytest.raises(ConfigError, match="lr_decay"):
+        train.train(tiny(tmp_path, steps=4, lr_decay=0.5), resume=True)
