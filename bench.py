@@ -116,6 +116,7 @@ def training_state(args: argparse.Namespace):
 def measure_training(args: argparse.Namespace) -> dict:
     """Images per second of train.train_step and of G.sample, as train.py runs them."""
     import train
+    from models import noise
     from utils import precision_name
 
     state = training_state(args)
@@ -123,7 +124,7 @@ def measure_training(args: argparse.Namespace) -> dict:
     warmup_s = sum(timed(lambda: train.train_step(state), args.warmup))
     steps = args.steps or DEFAULT_STEPS[args.model]
     step_times = timed(lambda: train.train_step(state), steps)
-    z = torch.randn(args.sample_batch, state.config.z_dim, generator=torch.Generator().manual_seed(0))
+    z = noise(args.sample_batch, state.config.z_dim, 0)
     state.G.sample(z)  # warm-up
     sample_times = timed(lambda: state.G.sample(z), args.sample_reps)
     result = {

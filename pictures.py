@@ -344,7 +344,7 @@ def attention_maps(G: nn.Module, z: torch.Tensor | None = None, *, label: int = 
         raise ValueError("this generator has no attention layers (it is the no-attention baseline); "
                          "load the with_attention run")
     if z is None:
-        z = torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(seed))
+        z = noise(1, G.z_dim, seed)
     z = z.reshape(-1, G.z_dim)[:1]
     maps = []
 
