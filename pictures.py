@@ -260,13 +260,13 @@ def run_style(key: str, index: int) -> tuple[str, str]:
 
 
 def group_style(name: str, recipes: list[str], index: int) -> tuple[str, str, str]:
-    """(label, colour, line style) of a study group '<recipe>/<arm>': with one recipe the arms' colours, with several
-    a colour per recipe; SAGAN solid, the baseline dashed."""
+    """(label, colour, line style) of a study group '<recipe>/<arm>': the first recipe's arms in the arms' own colours
+    under their own names, every other recipe in a colour of its own and named; SAGAN solid, the baseline dashed."""
     recipe, arm = name.split("/")
-    if len(recipes) == 1:
-        return ARMS[arm].label, ARM_COLOURS[arm], "-" if arm == "sagan" else "--"
-    colour = f"C{recipes.index(recipe) % 10}"
-    return f"{recipe}, {ARMS[arm].label}", colour, "-" if arm == "sagan" else "--"
+    style = "-" if arm == "sagan" else "--"
+    if recipe == recipes[0]:
+        return ARMS[arm].label, ARM_COLOURS[arm], style
+    return f"{ARMS[arm].label}, {recipe}", f"C{(recipes.index(recipe) + 1) % 10}", style  # C0, C3: the arms' hues
 
 
 def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None = None, metric: str = "fid") -> Figure:

@@ -46,6 +46,11 @@ def test_plots_have_an_ema_panel_only_where_a_run_kept_an_ema(tmp_path):
     lines = {line.get_label(): line.get_color() for line in figure.axes[0].get_lines()}
     assert lines == {"SAGAN (2 seeds)": pictures.ARM_COLOURS["sagan"], "baseline (no attention) (1 seed)":
                      pictures.ARM_COLOURS["baseline"]}, "one recipe: each arm in its own colour, under its own name"
+    summary["groups"]["reuse-fakes/sagan"] = study.summarise_group([_run(0, [600.0, 200.0])], 1.0)
+    lines = {line.get_label(): line for line in pictures.plot_fid(summary, "minutes").axes[0].get_lines()}
+    assert lines["SAGAN (2 seeds)"].get_color() == pictures.ARM_COLOURS["sagan"], "the first recipe keeps the arm colours"
+    other = lines["SAGAN, reuse-fakes (1 seed)"]
+    assert other.get_color() not in pictures.ARM_COLOURS.values() and other.get_linestyle() == "-"
 
 
 def test_a_group_of_a_step_budget_ticks_by_steps():
