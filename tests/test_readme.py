@@ -46,16 +46,37 @@ def readme_commands() -> dict[str, set[str]]:
     return flags
 
 
-@pytest.mark.parametrize("script", sorted(readme_commands()))
-def test_every_flag_the_readme_gives_a_script_exists(script, monkeypatch):
-    """The script's own --help, run in this process (torch is imported once for all of them)."""
-    monkeypatch.setattr(sys, "argv", [script, "--help"])
+def script_help(script: str) -> str:
+    """A script's own --help text, run in this process (torch is imported once for all of them)."""
     helped = io.StringIO()
-    with contextlib.redirect_stdout(helped), pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
+    argv = sys.argv
+    sys.argv = [script, "--help"]
+    try:
+        with contextlib.redirect_stdout(helped), pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        sys.argv = argv
     assert exit_.value.code in (0, None)
-    missing = sorted(flag for flag in readme_commands()[script] if flag not in helped.getvalue())
+    return helped.getvalue()
+
+
+@pytest.mark.parametrize("script", sorted(readme_commands()))
+def test_every_flag_the_readme_gives_a_script_exists(script):
+    missing = sorted(flag for flag in readme_commands()[script] if flag not in script_help(script))
     assert not missing, f"the README gives {script} flags it does not have: {missing}"
+
+
+OTHER_TOOLS_FLAGS = {"--logdir", "--help"}  # tensorboard's, and every script's
+
+
+def test_every_flag_the_readme_names_in_its_prose_is_a_flag_of_one_of_the_scripts():
+    helps = "".join(script_help(script) for script in ("train.py", "study.py", "results.py", "evaluate.py", "bench.py"))
+    prose = re.sub(r"```.*?```", "", README, flags=re.S)  # fences hold backticks of their own
+    spans = re.findall(r"`([^`]+)`", prose)
+    named = {flag for span in spans for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", span)}
+    assert len(named) > 20
+    missing = sorted(flag for flag in named - OTHER_TOOLS_FLAGS if flag not in helps)
+    assert not missing, f"the README names flags no script has: {missing}"
 
 
 def slug(heading: str) -> str:
