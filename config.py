@@ -59,7 +59,7 @@ class TrainConfig:
     clock: str = _field("wall", "what --minutes, --eval-minutes and --checkpoint-minutes count: 'wall' (elapsed time) or "
                                 "'cpu' (this process's CPU time, which other programs on the machine do not eat into)")
     batch_size: int = _field(64, "images per batch (per process)")
-    # equal rates: the original TTUR (1e-4 / 4e-4) lets D win outright for hundreds of steps (BENCHMARKS.md, Recipe)
+    # equal rates: the original TTUR (1e-4 / 4e-4) lets D win outright for hundreds of steps (README, Recipe)
     g_lr: float = _field(2e-4, "generator learning rate")
     d_lr: float = _field(2e-4, "discriminator learning rate")
     beta1: float = _field(0.0, "Adam beta1")

@@ -342,7 +342,7 @@ def attention_maps(G: nn.Module, z: torch.Tensor | None = None, *, label: int = 
     layers = attention_layers(G)
     if not layers:
         raise ValueError("this generator has no attention layers (it is the no-attention baseline); "
-                         "load the with_attention run")
+                         "load the SAGAN run (<out>/sagan)")
     if z is None:
         z = noise(1, G.z_dim, seed)
     z = z.reshape(-1, G.z_dim)[:1]
