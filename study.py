@@ -221,7 +221,9 @@ def summarise_group(runs: list[dict], period: float, unit: str = "minutes") -> d
     throughput = spread([run["evaluations"][-1]["images"] / (60 * run["evaluations"][-1]["minutes"])
                          for run in runs if run["evaluations"] and run["evaluations"][-1]["minutes"] > 0])
     precisions = sorted({session["precision"] for run in runs for session in run.get("sessions", [])})
+    by_step = [[(e["step"], e["fid"]) for e in run["evaluations"]] for run in runs]
     return {"seeds": sorted(run["config"]["seed"] for run in runs), "curve": table, "milestones": milestones,
+            "fid_by_step": by_step,
             "cpu_share": cpu_share, "img_per_s": throughput, "threads": runs[0]["config"]["threads"],
             "clock": runs[0]["config"]["clock"], "precision": precisions or ["fp32"]}
 
@@ -255,6 +257,16 @@ def summarise(out: Path, period: float = 1.0, unit: str = "minutes") -> dict:
     return summary
 
 
+def fid_at_step(group: dict, step: int) -> dict:
+    """The spread over seeds of each run's FID at its last evaluation at or before `step`: a comparison at equal
+    images seen, which a budget of minutes does not give when groups ran at different speeds (or under more load)."""
+    values = []
+    for evaluations in group.get("fid_by_step", []):
+        before = [fid for at, fid in evaluations if at <= step]
+        values.append(before[-1] if before else None)
+    return spread(values) if values and None not in values else {}
+
+
 def cell(spread_: dict, digits: int = 1, percent: bool = False) -> str:
     """'median (min-max)' of a spread, or '-'."""
     if not spread_:
@@ -266,14 +278,18 @@ def cell(spread_: dict, digits: int = 1, percent: bool = False) -> str:
 def markdown(summary: dict) -> str:
     """One row per recipe and arm: FID (median, min-max over seeds) at the end, half way and at the milestones."""
     machine_ = summary["machine"]
+    ends = [at for group in summary["groups"].values() for evaluations in group.get("fid_by_step", [])
+            for at, _ in evaluations[-1:]]
+    equal_step = min(ends) if ends else 0
     lines = [f"Machine: {machine_['cpu']}, {machine_['cores']} cores, torch {machine_['torch']}, {machine_['date']} "
              f"(commit {machine_['commit']}).", "",
              "Minutes are minutes of training by each run's clock (wall: elapsed; cpu: the run's own CPU time), "
              "evaluation not counted. CPU share: the run process's CPU time over its elapsed time. "
-             "FID cells: median (min-max) over the seeds, on the evaluation's samples.", "",
+             "FID cells: median (min-max) over the seeds, on the evaluation's samples; 'at step N': each run's last "
+             "evaluation at or before step N, the last step every run reached (equal images seen).", "",
              "| recipe / arm | seeds | threads | clock | precision | CPU share | img/s | steps at end | FID at end | "
-             "EMA FID at end | FID at half | EMA FID at half | milestones (FID / EMA FID) |",
-             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             f"EMA FID at end | FID at step {equal_step} | FID at half | EMA FID at half | milestones (FID / EMA FID) |",
+             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, group in summary["groups"].items():
         curve = group["curve"]
         if not curve:
@@ -283,7 +299,8 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {name} | {','.join(map(str, group['seeds']))} | {group['threads']} | {group['clock']} | "
                      f"{'/'.join(group.get('precision', ['fp32']))} | {group['cpu_share'].get('median', 0):.2f} | "
                      f"{group['img_per_s'].get('median', 0):.0f} | {end['step']['median']:.0f} | {cell(end['fid'])} | "
-                     f"{cell(end['ema_fid'])} | {cell(half['fid'])} @ {half['minutes']['median']:.1f} min | "
+                     f"{cell(end['ema_fid'])} | {cell(fid_at_step(group, equal_step))} | "
+                     f"{cell(half['fid'])} @ {half['minutes']['median']:.1f} min | "
                      f"{cell(half['ema_fid'])} | {milestones or '-'} |")
     return "\n".join(lines) + "\n"
 

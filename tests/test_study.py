@@ -81,3 +81,9 @@ def test_a_plan_builds_each_runs_config_from_its_recipe_and_arm_and_resumes_with
     by_steps = study.Plan(unit="steps", budget=5000, milestones=(1000,), eval_period=500)
     assert by_steps.pause(1000) == {"pause_step": 1000}
     assert by_steps.run_settings()["steps"] == 5000 and by_steps.run_settings()["eval_every"] == 500
+
+
+def test_fid_at_equal_steps_takes_each_runs_last_evaluation_at_or_before_the_step():
+    group = study.summarise_group([_run(0, [900.0, 500.0, 300.0]), _run(1, [800.0, 700.0])], period=1.0)
+    assert study.fid_at_step(group, 250) == {"median": 600.0, "min": 500.0, "max": 700.0, "n": 2}  # steps 200 and 200
+    assert study.fid_at_step(group, 50) == {}, "a seed with no evaluation that early"
