@@ -113,7 +113,7 @@ def weights_table(published: dict[str, dict]) -> list[str]:
         shown = f"{score['metric'].replace('_', ' ')} {score['value']:.2f} ({score['n']} samples)"
         if score.get("requested_accuracy") is not None:
             shown += f", digit read back {100 * score['requested_accuracy']:.1f}%"
-        lines.append(f"| `weights/{name}` | {entry['seed']} | {entry['step']} | {shown} | `{score['command']}` |")
+        lines.append(f"| `{entry['path']}` | {entry['seed']} | {entry['step']} | {shown} | `{score['command']}` |")
     return lines
 
 
@@ -142,8 +142,8 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
         seed = median_seed(group, last)
         chosen[model] = study.Run(recipe, arm, seed, out).folder
         score = publish_generator(chosen[model], weights / file_name, plan.final_n, plan.data_root)
-        published[file_name] = {"seed": seed, "step": torch.load(weights / file_name, weights_only=True)["step"],
-                                "score": score}
+        published[file_name] = {"path": (weights / file_name).as_posix(), "seed": seed,
+                                "step": torch.load(weights / file_name, weights_only=True)["step"], "score": score}
     publish_pictures({"baseline": chosen["baseline"], "sagan": chosen["sagan"]}, demo, "mnist",
                      f"After {last} CPU-minutes (the median seed of each)")
     G, _ = load_generator(chosen["conditional"])
@@ -181,7 +181,8 @@ def celeba(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     published = {}
     for arm, prefix in (("baseline", "dcgan"), ("sagan", "sagan")):
         score = publish_generator(pair[arm], weights / f"{prefix}_celeba.pt", plan.final_n, plan.data_root)
-        published[f"{prefix}_celeba.pt"] = {"seed": seed, "step": int(float(last)), "score": score}
+        published[f"{prefix}_celeba.pt"] = {"path": (weights / f"{prefix}_celeba.pt").as_posix(), "seed": seed,
+                                            "step": int(float(last)), "score": score}
     floor = evaluate.floor("celeba", plan.final_n, data_root=plan.data_root)
     protocol = floor["protocol"]
     lines = ["| model | steps | wall time | CPU time | precision | Inception FID |", "| --- | ---: | ---: | ---: | --- | ---: |"]
