@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-minutes", type=float, default=1.0, help="MNIST: FID along the way every N minutes")
     parser.add_argument("--steps", type=int, default=5000, help="CelebA: generator updates per arm")
     parser.add_argument("--eval-every", type=int, default=250, help="CelebA: FID along the way every N steps")
+    parser.add_argument("--pause-every", type=float, default=0.0,
+                        help="also pause every N minutes (MNIST) or steps (CelebA), so that with fewer --jobs than "
+                             "runs the runs take turns and advance together")
     parser.add_argument("--sample-every", type=int, help="a sample grid (a GIF frame) every N steps "
                                                          "(default: 50 MNIST, 100 CelebA)")
     parser.add_argument("--n", type=int, help="generated images per final score (default: 10000 mnist, 5000 celeba)")
@@ -242,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                       eval_period=args.eval_minutes if mnist_run else args.eval_every,
                       eval_n=args.curve_n or (2000 if mnist_run else 1000), final_n=args.n or (10000 if mnist_run else 5000),
                       clock="cpu", threads=args.threads,
-                      overrides={"sample_every": sample_every, "checkpoint_every": 1_000_000 if mnist_run else args.eval_every})
+                      overrides={"sample_every": sample_every, "checkpoint_every": 1_000_000 if mnist_run else args.eval_every},
+                      pause_every=args.pause_every)
     Path(args.demo).mkdir(parents=True, exist_ok=True)
     command = " ".join(["python results.py", *argv])
     results, table = (mnist if mnist_run else celeba)(args, plan)

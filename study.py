@@ -20,6 +20,7 @@ and arm the median, min and max over seeds at each evaluation, with the machine,
 import argparse
 import csv
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -75,10 +76,12 @@ class Plan:
     clock: str = "cpu"
     threads: int = 1
     overrides: dict = field(default_factory=dict)  # TrainConfig fields set in every run, whatever its recipe
+    pause_every: float = 0.0  # also pause every N units, so that runs waiting for a job take turns
 
     def legs(self) -> list[float]:
-        """Where training pauses: each milestone, then the end of the budget."""
-        return sorted({*self.milestones, self.budget})
+        """Where training pauses: each milestone, every pause_every, then the end of the budget."""
+        pauses = range(1, math.ceil(self.budget / self.pause_every)) if self.pause_every > 0 else ()
+        return sorted({*self.milestones, *(k * self.pause_every for k in pauses), self.budget})
 
     def run_settings(self) -> dict:
         """The TrainConfig fields every run of the plan sets: the whole budget (a leg only pauses before its end, so
@@ -109,9 +112,9 @@ def fid_metric(dataset: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- running
 
-def execute(run: Run, plan: Plan) -> None:
-    """Train the run leg by leg (one leg per milestone), scoring each milestone on final_n samples; in a process of
-    its own, with everything it prints going to the run's log."""
+def execute(run: Run, plan: Plan, until: float) -> None:
+    """Train the run leg by leg up to `until` (one of the plan's legs), scoring each milestone on final_n samples; in
+    a process of its own, with everything it prints going to the run's log."""
     import evaluate
     import train
     from checkpoint import load_checkpoint
@@ -124,7 +127,7 @@ def execute(run: Run, plan: Plan) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1)
     torch.set_num_threads(plan.threads)
     record = json.loads(run.record_path.read_text()) if run.record_path.exists() else {"legs": {}, "milestones": {}}
-    for leg in plan.legs():
+    for leg in (leg for leg in plan.legs() if leg <= until):
         key = f"{leg:g}"
         if key not in record["legs"]:
             config = plan.config(run)
@@ -149,21 +152,25 @@ def execute(run: Run, plan: Plan) -> None:
                 "n": plan.final_n, "protocol": scores["raw"]["protocol"],
             }
             run.record_path.write_text(json.dumps(record, indent=2))
-    print(f"done: {run.folder}", flush=True)
+    print(f"done: {run.folder} to {until:g} {plan.unit}", flush=True)
 
 
 def run_all(runs: list[Run], plan: Plan, jobs: int) -> None:
-    """Every run, `jobs` at a time, each in a fresh process whose OpenMP uses plan.threads threads."""
+    """Every run, `jobs` at a time, each leg in a fresh process whose OpenMP uses plan.threads threads. Legs go in
+    rounds (every run to the first pause, then every run to the next), so that runs waiting for a job and a study
+    stopped part way have advanced together."""
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(plan.threads)  # read when a worker starts
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(execute, run, plan): run for run in runs}
-        for future, run in futures.items():
-            try:
-                future.result()
-            except Exception as error:
-                raise RuntimeError(f"{run.folder} failed ({type(error).__name__}: {error}); see {run.log_path}") from error
-            print(f"done: {run.folder}", flush=True)
+        for leg in plan.legs():
+            futures = {pool.submit(execute, run, plan, leg): run for run in runs}
+            for future, run in futures.items():
+                try:
+                    future.result()
+                except Exception as error:
+                    raise RuntimeError(f"{run.folder} failed ({type(error).__name__}: {error}); "
+                                       f"see {run.log_path}") from error
+                print(f"done: {run.folder} to {leg:g} {plan.unit}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -351,6 +358,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
     parser.add_argument("--milestones", nargs="*", type=float, default=[],
                         help="points (minutes, or steps with --steps) at which to score on --final-n")
     parser.add_argument("--final-n", type=int, default=10000, help="samples per milestone FID")
+    parser.add_argument("--pause-every", type=float, default=0.0,
+                        help="also pause every N minutes (or steps), so that runs waiting for a job take turns")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--ema", nargs=2, type=float, metavar=("DECAY", "START"),
@@ -371,7 +380,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
     plan = Plan(dataset=args.dataset, data_root=args.data_root and str(Path(args.data_root).resolve()),
                 unit="steps" if by_steps else "minutes", budget=args.steps if by_steps else (args.minutes or 10.0),
                 milestones=tuple(args.milestones), eval_period=args.eval_every if by_steps else args.eval_minutes,
-                eval_n=args.eval_n, final_n=args.final_n, clock=args.clock, threads=args.threads, overrides=overrides)
+                eval_n=args.eval_n, final_n=args.final_n, clock=args.clock, threads=args.threads, overrides=overrides,
+                pause_every=args.pause_every)
     args.out = Path(args.out).resolve()
     return args, plan
 

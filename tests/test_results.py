@@ -22,7 +22,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_path, data_root):
     n = 500
     made = _run("results.py", "mnist", "--minutes", "0.1", "--milestones", "0.1", "--seeds", "0", "--sample-every", "2",
-                "--eval-minutes", "0.05", "--n", str(n), "--curve-n", "200", "--runs", "runs",
+                "--eval-minutes", "0.05", "--pause-every", "0.05", "--n", str(n), "--curve-n", "200", "--runs", "runs",
                 "--data-root", str(data_root), "--threads", "1", "--jobs", "2", cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-3000:]
 
@@ -36,6 +36,11 @@ def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_pa
     for row in ("| SAGAN | 1 |", "| baseline (no attention) | 1 |", "| SAGAN, class-conditional | 1 |",
                 "| real vs real (floor) |", "Regenerate: `python results.py mnist --minutes 0.1"):
         assert row in table, row
+
+    # three runs on two jobs take turns: every run reached the first pause before any went on to the next
+    records = [json.loads(path.read_text()) for path in (tmp_path / "runs" / "mnist").glob("*/*-seed0.json")]
+    assert len(records) == 3 and all(list(record["legs"]) == ["0.05", "0.1"] for record in records)
+    assert max(r["legs"]["0.05"]["started"] for r in records) < min(r["legs"]["0.1"]["started"] for r in records)
 
     results = json.loads((demo / "results_mnist.json").read_text())
     assert set(results["study"]["groups"]) == {"default/sagan", "default/baseline", "default+conditional/sagan"}

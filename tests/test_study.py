@@ -80,6 +80,8 @@ def test_a_plan_builds_each_runs_config_from_its_recipe_and_arm_and_resumes_with
     assert later.minutes == 30 and later.sample_every == 7 and later.reuse_fakes is True
     by_steps = study.Plan(unit="steps", budget=5000, milestones=(1000,), eval_period=500)
     assert by_steps.pause(1000) == {"pause_step": 1000}
+    taking_turns = study.Plan(unit="steps", budget=2200, milestones=(1000,), pause_every=500)
+    assert taking_turns.legs() == [500, 1000, 1500, 2000, 2200]
     assert by_steps.run_settings()["steps"] == 5000 and by_steps.run_settings()["eval_every"] == 500
 
 
