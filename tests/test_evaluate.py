@@ -14,12 +14,11 @@ import mnist_classifier
 
 
 def _independent_frechet(mu_a, sigma_a, mu_b, sigma_b) -> float:
-    """Tr (S_a S_b)^(1/2) = sum sqrt(eig(S_a^(1/2) S_b S_a^(1/2))), via symmetric eigendecompositions only."""
-    values, vectors = np.linalg.eigh(sigma_a)
-    root_a = vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T
-    inner = np.linalg.eigvalsh(root_a @ sigma_b @ root_a)
-    trace_covmean = np.sqrt(np.clip(inner, 0, None)).sum()
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_covmean)
+    """The textbook form (pytorch-fid's): scipy's general matrix square root of S_a S_b."""
+    import scipy.linalg
+
+    covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b).real
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(covmean))
 
 
 def _random_covariance(rng, dim):
@@ -312,3 +311,21 @@ def test_a_folder_with_class_subfolders_puts_every_class_on_both_sides_of_its_re
         assert {path.parent.name for path in side} == {"cats", "dogs"}
     assert not set(floor_files) & set(reference)
     assert "every second one of 20 spread evenly" in evaluate._describe_reference("folder", tmp_path)["reference"]
+
+
+@pytest.mark.slow
+def test_a_folder_generator_is_scored_with_the_folders_real_floor_beside_it(tmp_path):
+    """A folder has no published floor: the score's protocol carries one measured the same way, at the same size
+    where the floor's pool allows (here 6 images for 10 generated)."""
+    from PIL import Image
+
+    pixels = torch.Generator().manual_seed(0)
+    for index in range(12):
+        noise = (torch.rand(24, 24, 3, generator=pixels) * 255).to(torch.uint8).numpy()
+        Image.fromarray(noise).save(tmp_path / f"{index:02d}.png")
+    real = evaluate._real_images("folder", "reference", None, tmp_path, 0)  # 6 real images at 64x64
+    result = evaluate.evaluate(_ReplayGenerator(torch.cat([real, real[:4]])), 10, dataset="folder", data_root=tmp_path)
+    floor = result["protocol"]["floor"]
+    assert floor["n_images"] == 6 and "6 folder images, 00.png to 10.png" in floor["images"]
+    # the floor's images are other noise than the reference's; "generated" here are the reference's own
+    assert floor["inception_fid"] > 10 * result["inception_fid"] > 0
