@@ -32,6 +32,7 @@ from utils import to_unit_range
 
 # One name and one colour per arm in every picture: the baseline left (blue), SAGAN right (red).
 ARM_COLOURS = {"baseline": "tab:blue", "sagan": "tab:red"}
+OTHER_COLOURS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 ARM_TITLES = tuple(ARMS[arm].label for arm in ARM_COLOURS)
 GRID_NAME = re.compile(r"step_(\d+)\.png")
 DATASET_SIZES = {"mnist": 60_000, "mnist-5k": 5_000}  # training images; other datasets are counted
@@ -256,24 +257,27 @@ def run_style(key: str, index: int) -> tuple[str, str]:
     """(label, colour) of a run in a plot: an arm's name and colour, or the key itself and the index's colour."""
     if key in ARMS:
         return ARMS[key].label, ARM_COLOURS[key]
-    return key.replace("_", " "), f"C{(index + 2) % 10}"  # C0 and C1 look like the arms' blue and red
+    return key.replace("_", " "), OTHER_COLOURS[index % len(OTHER_COLOURS)]
 
 
-def group_style(name: str, recipes: list[str], index: int) -> tuple[str, str, str]:
+def group_style(name: str, recipes: list[str], labels: dict[str, str] | None = None) -> tuple[str, str, str]:
     """(label, colour, line style) of a study group '<recipe>/<arm>': the first recipe's arms in the arms' own colours
-    under their own names, every other recipe in a colour of its own and named; SAGAN solid, the baseline dashed."""
+    under their own names, every other recipe in a colour of its own and named (or as `labels` names the group);
+    SAGAN solid, the baseline dashed."""
     recipe, arm = name.split("/")
     style = "-" if arm == "sagan" else "--"
     if recipe == recipes[0]:
-        return ARMS[arm].label, ARM_COLOURS[arm], style
-    return f"{ARMS[arm].label}, {recipe}", f"C{(recipes.index(recipe) + 1) % 10}", style  # C0, C3: the arms' hues
+        return (labels or {}).get(name, ARMS[arm].label), ARM_COLOURS[arm], style
+    colour = OTHER_COLOURS[(recipes.index(recipe) - 1) % len(OTHER_COLOURS)]
+    return (labels or {}).get(name, f"{ARMS[arm].label}, {recipe}"), colour, style
 
 
-def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None = None, metric: str = "fid") -> Figure:
+def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None = None, metric: str = "fid",
+             labels: dict[str, str] | None = None) -> Figure:
     """FID (or, with metric='accuracy', the requested-class accuracy) of a study's groups (study.summarise) against
     minutes of training, images seen or steps: the median over seeds as a line, their range as a band (FID on a log
-    scale); a panel for the trained G and one for its EMA where runs kept one."""
-    labels = {"minutes": "minutes of training", "images": "images seen", "step": "step"}
+    scale); a panel for the trained G and one for its EMA where runs kept one. `labels` names groups for a reader."""
+    axis_labels = {"minutes": "minutes of training", "images": "images seen", "step": "step"}
     groups = summary["groups"]
     recipes = list(dict.fromkeys(name.split("/")[0] for name in groups))
     name = summary.get("metric", "fid").replace("_", " ").replace("fid", "FID")
@@ -284,18 +288,18 @@ def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None =
     figure = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
     axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for axis, (fid_key, title) in zip(axes, panels):
-        for index, (group_name, group) in enumerate(groups.items()):
+        for group_name, group in groups.items():
             points = [p for p in group["curve"] if p.get(fid_key)]
             if not points:
                 continue
-            label, colour, style = group_style(group_name, recipes, index)
+            label, colour, style = group_style(group_name, recipes, labels)
             seeds = len(group["seeds"])
             x = [p[axis_key]["median"] for p in points]
             axis.plot(x, [p[fid_key]["median"] for p in points], style, color=colour,
                       label=f"{label} ({seeds} seed{'s' if seeds > 1 else ''})")
             axis.fill_between(x, [p[fid_key]["min"] for p in points], [p[fid_key]["max"] for p in points],
                               color=colour, alpha=0.15)
-        axis.set(xlabel=labels[axis_key], ylabel=ylabel, yscale="log" if metric == "fid" else "linear", title=title)
+        axis.set(xlabel=axis_labels[axis_key], ylabel=ylabel, yscale="log" if metric == "fid" else "linear", title=title)
         axis.legend(fontsize="x-small")
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ protocol. Everything resumes: an interrupted call continues where it stopped.
 """
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def score_published(path: Path, n: int, data_root: str | None = None) -> dict:
     that reproduces it in the file; returns the score."""
     scores = evaluate.evaluate(path, n, data_root=data_root)
     weights = torch.load(path, weights_only=True)
-    metric = study.fid_metric(weights["dataset"])
+    metric = evaluate.headline_fid(weights["dataset"])
     score = {"metric": metric, "value": round(scores[metric], 2), "n": n,
              "requested_accuracy": scores.get("requested_accuracy"), "protocol": scores["protocol"],
              "command": f"python evaluate.py {path.as_posix()} --n {n}"}
@@ -87,7 +86,7 @@ def precision_of(folder: Path) -> str:
 def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones: list[str], unit: str,
                   with_accuracy: bool) -> list[str]:
     """Median (min-max) over seeds of each group's FID at each milestone, steps reached and digit accuracy."""
-    metric = "classifier FID" if floor["protocol"]["dataset"] == "mnist" else "Inception FID"
+    metric = evaluate.headline_fid(floor["protocol"]["dataset"]).replace("_fid", " FID").replace("inception", "Inception")
     at = (lambda key: f"{key} min") if unit == "minutes" else (lambda key: f"step {int(float(key))}")
     head = ["model", "seeds", f"steps at {at(milestones[-1])}", *(f"{metric} at {at(key)}" for key in milestones)]
     head += ["requested digit read back"] if with_accuracy else []
@@ -99,7 +98,7 @@ def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones
         if with_accuracy:
             cells.append(study.cell(group["milestones"][milestones[-1]]["accuracy"], 1, True))
         lines.append("| " + " | ".join(cells) + " |")
-    floor_cells = ["real vs real (floor)", "", "", *(f"{floor[study.fid_metric(floor['protocol']['dataset'])]:.2f}"
+    floor_cells = ["real vs real (floor)", "", "", *(f"{floor[evaluate.headline_fid(floor['protocol']['dataset'])]:.2f}"
                                                       for _ in milestones)]
     lines.append("| " + " | ".join(floor_cells + ([""] if with_accuracy else [])) + " |")
     return lines
@@ -134,7 +133,6 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     runs = [study.Run(recipe, arm, seed, out) for recipe, arm, _ in models.values() for seed in args.seeds]
     study.run_all(runs, plan, args.jobs)
     summary = study.summarise(out, plan.eval_period, plan.unit)
-    shutil.copy(out / "fid_vs_minutes.png", demo / "fid_mnist.png")
     last = f"{plan.legs()[-1]:g}"
     published, chosen = {}, {}
     for model, (recipe, arm, file_name) in models.items():
@@ -151,13 +149,14 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     floor = evaluate.floor("mnist", plan.final_n, data_root=plan.data_root)
     labels = {f"{recipe}/{arm}": (ARMS[arm].label if model != "conditional" else "SAGAN, class-conditional")
               for model, (recipe, arm, _) in models.items()}
+    pictures.plot_fid(summary, "minutes", demo / "fid_mnist.png", labels=labels)
     milestones = [f"{key:g}" for key in plan.milestones]
     protocol = floor["protocol"]
     lines = results_table(summary, labels, floor, milestones, plan.unit, with_accuracy=True)
     lines += ["", f"Classifier FID (lower is better) of {plan.final_n} samples against the {protocol['reference_size']} "
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
-                  f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G (its EMA where the recipe "
-                  f"keeps one). Minutes are minutes of each run's own CPU time on {plan.threads} thread(s), "
+                  f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G (not its EMA; a published file "
+                  f"holds the EMA where the recipe keeps one, and records its own score). Minutes are minutes of each run's own CPU time on {plan.threads} thread(s), "
                   f"{args.jobs} run(s) side by side, evaluation not counted. Requested digit: the share of samples the "
                   f"classifier reads as the digit asked for. Floor: {protocol['images']}.",
               f"Recipe: `{args.recipe}` (conditional: `{args.conditional_recipe}`), precision "

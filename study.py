@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
-from config import ARMS, RECIPES, ConfigError, TrainConfig, add_flags, field_overrides, recipe_settings, resumed_config
+from config import (ARMS, RECIPES, WHOLE_RECIPES, ConfigError, TrainConfig, add_flags, field_overrides, recipe_settings,
+                    resumed_config)
+from evaluate import headline_fid
 
 ROOT = Path(__file__).resolve().parent
 
@@ -105,11 +107,6 @@ class Plan:
                                                       "attn": ARMS[run.arm].attn, **self.overrides, **settings})
 
 
-def fid_metric(dataset: str) -> str:
-    """The FID a study of this dataset reports: the MNIST classifier's, or Inception's."""
-    return "classifier_fid" if dataset.startswith("mnist") else "inception_fid"
-
-
 # ---------------------------------------------------------------------------------------------- running
 
 def execute(run: Run, plan: Plan, until: float) -> None:
@@ -143,7 +140,7 @@ def execute(run: Run, plan: Plan, until: float) -> None:
             scores = {"raw": evaluate.evaluate(run.folder, plan.final_n, ema=False, data_root=plan.data_root)}
             if latest["G_ema"] is not None:
                 scores["ema"] = evaluate.evaluate(run.folder, plan.final_n, ema=True, data_root=plan.data_root)
-            metric = fid_metric(latest["config"]["dataset"])
+            metric = headline_fid(latest["config"]["dataset"])
             record["milestones"][key] = {
                 "step": latest["step"], "wall_time": round(latest["wall_time"], 1), "cpu_time": round(latest["cpu_time"], 1),
                 "fid": scores["raw"][metric], "ema_fid": scores["ema"][metric] if "ema" in scores else None,
@@ -180,7 +177,7 @@ def read_run(folder: Path) -> dict:
     from rundir import read_sessions
 
     config = json.loads((folder / "config.json").read_text())
-    metric = fid_metric(config["dataset"])
+    metric = headline_fid(config["dataset"])
     with open(folder / "metrics.csv", newline="") as f:
         rows = [row for row in csv.DictReader(f) if row.get(metric)]
     clock = f"{config['clock']}_time"
@@ -251,7 +248,7 @@ def summarise(out: Path, period: float = 1.0, unit: str = "minutes") -> dict:
     out = Path(out)
     groups = study_groups(out)
     first = json.loads((next(iter(groups.values()))[0] / "config.json").read_text()) if groups else {"dataset": "mnist"}
-    summary = {"machine": machine(), "unit": unit, "period": period, "metric": fid_metric(first["dataset"]),
+    summary = {"machine": machine(), "unit": unit, "period": period, "metric": headline_fid(first["dataset"]),
                "groups": {name: summarise_group([read_run(f) for f in folders], period, unit)
                           for name, folders in groups.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -341,7 +338,7 @@ def train_overrides(flags: list[str]) -> dict:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", "--variants", nargs="+", default=["default"], type=recipe_name, metavar="RECIPE",
-                        help=f"what to train: 'default', 'original' or changes joined by '+' ({', '.join(list(RECIPES)[2:])})")
+                        help=f"what to train: 'default', 'original' or changes joined by '+' ({', '.join(name for name in RECIPES if name not in WHOLE_RECIPES)})")
     parser.add_argument("--arms", nargs="+", default=["sagan"], choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--dataset", default="mnist", help="what every run trains on (mnist, celeba, ...)")

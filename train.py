@@ -29,8 +29,8 @@ import distributed
 import evaluate
 import rundir
 from checkpoint import CheckpointError, checkpoint_files, read_config
-from config import (ARMS, LOSSES, RECIPES, ConfigError, TrainConfig, add_flags, arm_folder, field_overrides,
-                    resumed_config)
+from config import (ARMS, LOSSES, RECIPES, WHOLE_RECIPES, ConfigError, TrainConfig, add_flags, arm_folder, arm_of,
+                    field_overrides, resumed_config)
 from distributed import any_process, mean_over_processes
 from ema import update_ema
 from state import TrainState, build_state
@@ -326,7 +326,7 @@ def classes_of(dataset: Dataset, config: TrainConfig) -> int:
 def progress_bar(config: TrainConfig, start: int, precision: str, disable: bool):
     from tqdm.auto import tqdm
 
-    arm = ARMS["sagan" if config.attn else "baseline"].label
+    arm = ARMS[arm_of(config)].label
     return tqdm(total=config.steps, initial=start, disable=disable, desc=f"{arm} {config.dataset} {precision}",
                 unit="step", dynamic_ncols=True)
 
@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
     parser.add_argument("--compare", action="store_true", help="train the baseline and SAGAN, same seed, data and noise")
     parser.add_argument("--recipe", "--preset", default="default", metavar="RECIPE",
                         help="start from this recipe; other flags override it: 'default', 'original' (the original "
-                             f"project's) or changes joined by '+' ({', '.join(list(RECIPES)[2:])})")
+                             f"project's) or changes joined by '+' ({', '.join(name for name in RECIPES if name not in WHOLE_RECIPES)})")
     args = parser.parse_args(argv)
     return field_overrides(args), argparse.Namespace(resume=args.resume, compare=args.compare, recipe=args.recipe)
 

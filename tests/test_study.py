@@ -1,6 +1,7 @@
 """study.py: recipes and plans, spreads over seeds, evaluation ticks every seed reached, milestones, and the plots."""
 import json
 
+from matplotlib.colors import to_hex
 from PIL import Image
 
 import pictures
@@ -49,8 +50,15 @@ def test_plots_have_an_ema_panel_only_where_a_run_kept_an_ema(tmp_path):
     summary["groups"]["reuse-fakes/sagan"] = study.summarise_group([_run(0, [600.0, 200.0])], 1.0)
     lines = {line.get_label(): line for line in pictures.plot_fid(summary, "minutes").axes[0].get_lines()}
     assert lines["SAGAN (2 seeds)"].get_color() == pictures.ARM_COLOURS["sagan"], "the first recipe keeps the arm colours"
-    other = lines["SAGAN, reuse-fakes (1 seed)"]
-    assert other.get_color() not in pictures.ARM_COLOURS.values() and other.get_linestyle() == "-"
+    summary["groups"]["paper/sagan"] = study.summarise_group([_run(0, [650.0, 250.0])], 1.0)
+    lines = {line.get_label(): line for line in pictures.plot_fid(summary, "minutes").axes[0].get_lines()}
+    others = [lines["SAGAN, reuse-fakes (1 seed)"], lines["SAGAN, paper (1 seed)"]]
+    hues = [to_hex(line.get_color()) for line in others]
+    assert len(set(hues)) == 2 and not set(hues) & {to_hex(c) for c in pictures.ARM_COLOURS.values()}, \
+        "every other recipe in a colour of its own, never an arm's"
+    assert all(line.get_linestyle() == "-" for line in others)
+    named = pictures.plot_fid(summary, "minutes", labels={"paper/sagan": "SAGAN, paper's attention"})
+    assert "SAGAN, paper's attention (1 seed)" in [line.get_label() for line in named.axes[0].get_lines()]
 
 
 def test_a_group_of_a_step_budget_ticks_by_steps():
