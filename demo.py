@@ -6,7 +6,8 @@
 
 While the notebook runs, the terminal shows the section being executed and a progress bar per model (read from the
 run folders' metrics.csv); at the end it prints the notebook's quality table. The executed notebook, with every
-picture and table, is written to runs/demo/<notebook> (also when a cell fails, to show where).
+picture and table, is written to runs/demo/<notebook> (also when a cell fails, to show where), and the pictures the
+notebook makes to runs/demo/<notebook name>/ (the notebook's demo_dir; pass -p demo_dir demo to write demo/).
 """
 import argparse
 import ast
@@ -20,7 +21,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from tqdm import tqdm
 
-from config import ARMS
+from config import ARMS, arm_folder
 
 ROOT = Path(__file__).resolve().parent
 
@@ -67,9 +68,9 @@ class Progress:
     """Bars per model, fed by polling the run folders while the notebook trains."""
 
     def __init__(self, out: Path, steps: int):
-        self.runs = {arm: out / arm for arm in ARMS}
+        self.out = out
         self.bars = {arm: tqdm(total=steps, desc=f"{ARMS[arm].label:>24}", unit="step", position=index, leave=True,
-                               dynamic_ncols=True) for index, arm in enumerate(self.runs)}
+                               dynamic_ncols=True) for index, arm in enumerate(ARMS)}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.poll, daemon=True)
         self.thread.start()
@@ -80,7 +81,7 @@ class Progress:
 
     def update(self) -> None:
         for arm, bar in self.bars.items():
-            bar.n = min(latest_step(self.runs[arm]), bar.total)
+            bar.n = min(latest_step(arm_folder(self.out, arm)), bar.total)
             bar.set_postfix_str("done" if bar.n >= bar.total else "training" if bar.n else "waiting", refresh=False)
             bar.refresh()
 
@@ -113,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=None, help="seconds a cell may take (default: no limit)")
     args = parser.parse_args(argv)
     source = Path(args.notebook)
-    parameters = {name: parameter_value(value) for name, value in args.parameter}
-    notebook = with_parameters(nbformat.read(source, as_version=4), parameters)
     output = Path(args.output or Path("runs") / "demo" / source.name)
+    # the pictures go beside the executed notebook, not over the published ones in demo/, unless asked
+    parameters = {"demo_dir": (output.parent / output.stem).as_posix()} | {
+        name: parameter_value(value) for name, value in args.parameter}
+    notebook = with_parameters(nbformat.read(source, as_version=4), parameters)
     output.parent.mkdir(parents=True, exist_ok=True)
     out, steps = Path(setting(notebook, parameters, "out")), setting(notebook, parameters, "steps")
 

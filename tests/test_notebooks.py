@@ -63,12 +63,15 @@ def test_notebook_is_committed_clean_with_every_parameter(name):
     assert set(PARAMETERS) <= assigned, f"missing parameters: {sorted(set(PARAMETERS) - assigned)}"
 
 
-def check_outputs(notebook: nbformat.NotebookNode, tmp_path: Path, name: str, grid_size: int) -> None:
-    """Both runs' grids, the comparison GIF (one frame per common grid, looping) and the figures exist and are valid."""
+def check_outputs(notebook: nbformat.NotebookNode, tmp_path: Path, name: str, grid_size: int,
+                  demo: Path | None = None) -> None:
+    """Both runs' grids, the comparison GIF (one frame per common grid, looping) and the figures (in `demo`, by
+    default tmp_path/demo) exist and are valid."""
+    demo = demo or tmp_path / "demo"
     for arm in ARMS:
         for step in (2, 4):
             assert_image(tmp_path / "runs" / arm / "samples" / f"step_{step:06d}.png", (grid_size, grid_size))
-    gif = tmp_path / "demo" / f"comparison_{name}.gif"
+    gif = demo / f"comparison_{name}.gif"
     assert_image(gif)
     common_steps = set.intersection(*({path.name for path in (tmp_path / "runs" / arm / "samples").glob("step_*.png")}
                                       for arm in ARMS))
@@ -76,8 +79,8 @@ def check_outputs(notebook: nbformat.NotebookNode, tmp_path: Path, name: str, gr
         assert image.n_frames == len(common_steps) == 2
         assert image.info["loop"] == 0
         assert image.width > 2 * grid_size and image.height > grid_size
-    assert_image(tmp_path / "demo" / f"curves_{name}.png")
-    assert_image(tmp_path / "demo" / f"attention_{name}.png")
+    assert_image(demo / f"curves_{name}.png")
+    assert_image(demo / f"attention_{name}.png")
 
     assert len(shown(notebook, "compare(config,", "image/png")) == 2, "each run's latest grid is shown once, then updated"
     assert shown(notebook, "comparison_gif(", "image/gif")
@@ -102,9 +105,9 @@ def shown(notebook: nbformat.NotebookNode, code: str, mime_type: str) -> list:
 @pytest.mark.slow
 def test_make_demo_runs_the_mnist_notebook_top_to_bottom_talking_and_keeps_it(data_root, tmp_path):
     """demo.py (what `make demo` runs) in a real subprocess: sections and a bar per model in the terminal, the
-    quality table at the end, and the executed notebook kept with every output."""
-    parameters = {**TINY, "eval_n": 64, "conditional_steps": 4, "data_root": str(data_root), "out": str(tmp_path / "runs"),
-                  "demo_dir": str(tmp_path / "demo")}
+    quality table at the end, and the executed notebook kept with every output, its pictures beside it (not over
+    the published ones in demo/)."""
+    parameters = {**TINY, "eval_n": 64, "conditional_steps": 4, "data_root": str(data_root), "out": str(tmp_path / "runs")}
     flags = [flag for name, value in parameters.items() for flag in ("-p", name, str(value))]
     kept = tmp_path / "executed" / "SAGAN_mnist.ipynb"
     made = subprocess.run([sys.executable, str(ROOT / "demo.py"), *flags, "--output", str(kept), "--timeout", "240"],
@@ -117,13 +120,14 @@ def test_make_demo_runs_the_mnist_notebook_top_to_bottom_talking_and_keeps_it(da
     assert "Sample quality:" in made.stdout and "classifier fid" in made.stdout and str(kept) in made.stdout
 
     notebook = nbformat.read(kept, as_version=4)
-    check_outputs(notebook, tmp_path, "mnist", grid_size=2 + 8 * 30)
+    pictures = kept.parent / "SAGAN_mnist"
+    check_outputs(notebook, tmp_path, "mnist", grid_size=2 + 8 * 30, demo=pictures)
     table = "".join(output.text for output in code_cell(notebook, "comparison_table(").outputs if output.get("name") == "stdout")
     assert "classifier fid" in table and table.count("n_images: 64") == 1, "one table of both models, one protocol"
     assert "\nbaseline (no attention) " in table and "\nSAGAN " in table
     # the class-conditional SAGAN: its grid of rows 0-9, the picker, and the requested-digit score
     assert_image(tmp_path / "runs" / "conditional" / "sagan" / "samples" / "step_000004.png", (2 + 8 * 30, 2 + 10 * 30))
-    assert_image(tmp_path / "demo" / "conditional_mnist.png")
+    assert_image(pictures / "conditional_mnist.png")
     assert shown(notebook, "class_grid(", "image/png")
     assert shown(notebook, "class_picker(", "application/vnd.jupyter.widget-view+json")
     printed = "".join(output.text for output in code_cell(notebook, "class_picker(").outputs if output.get("name") == "stdout")
