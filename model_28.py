@@ -1,8 +1,9 @@
 """SAGAN and its no-attention (DCGAN) baseline for 1x28x28 images (MNIST).
 
 The layers and shapes are the original project's (https://github.com/franknb/Self-attention-DCGAN); unlike it,
-the attention layers are really applied. Every convolution is spectral-normed (spectral.py); G's blocks are
-ConvTranspose2d + BatchNorm + ReLU, D's Conv2d + LeakyReLU(0.1) (blocks.py). Attention follows G's 14x14 map and
+the attention layers are really applied. The convolutions of G's and D's blocks are spectral-normed (spectral.py),
+their output convolutions and (except attn_variant="paper") the attention's 1x1 convolutions are not, as in the
+original; G's blocks are ConvTranspose2d + BatchNorm + ReLU, D's Conv2d + LeakyReLU(0.1) (blocks.py). Attention follows G's 14x14 map and
 D's 3x3 map; `attn_sizes` may move it to any map whose `self.attention(size, ...)` line is below, and attn=False
 (the baseline) leaves it out. Shapes are (B, C, H, W) with conv_dim = 64.
 """
