@@ -58,6 +58,11 @@ def score_published(path: Path, n: int, data_root: str | None = None) -> dict:
     return score
 
 
+def published_entry(path: Path, seed: int, score: dict) -> dict:
+    """A row of the published-weights table: the file, its seed, the step it holds and its recorded score."""
+    return {"path": path.as_posix(), "seed": seed, "step": torch.load(path, weights_only=True)["step"], "score": score}
+
+
 def median_seed(runs: list[dict], milestone: str) -> int:
     """The seed whose FID at the milestone is the median of the runs' (the lower middle one for an even count)."""
     ranked = sorted(runs, key=lambda run: run["record"]["milestones"][milestone]["fid"])
@@ -140,8 +145,7 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
         seed = median_seed(group, last)
         chosen[model] = study.Run(recipe, arm, seed, out).folder
         score = publish_generator(chosen[model], weights / file_name, plan.final_n, plan.data_root)
-        published[file_name] = {"path": (weights / file_name).as_posix(), "seed": seed,
-                                "step": torch.load(weights / file_name, weights_only=True)["step"], "score": score}
+        published[file_name] = published_entry(weights / file_name, seed, score)
     publish_pictures({"baseline": chosen["baseline"], "sagan": chosen["sagan"]}, demo, "mnist",
                      f"After {last} CPU-minutes (the median seed of each)")
     G, _ = load_generator(chosen["conditional"])
@@ -180,8 +184,7 @@ def celeba(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     published = {}
     for arm, prefix in (("baseline", "dcgan"), ("sagan", "sagan")):
         score = publish_generator(pair[arm], weights / f"{prefix}_celeba.pt", plan.final_n, plan.data_root)
-        published[f"{prefix}_celeba.pt"] = {"path": (weights / f"{prefix}_celeba.pt").as_posix(), "seed": seed,
-                                            "step": int(float(last)), "score": score}
+        published[f"{prefix}_celeba.pt"] = published_entry(weights / f"{prefix}_celeba.pt", seed, score)
     floor = evaluate.floor("celeba", plan.final_n, data_root=plan.data_root)
     protocol = floor["protocol"]
     lines = ["| model | steps | wall time | CPU time | precision | Inception FID |", "| --- | ---: | ---: | ---: | --- | ---: |"]
