@@ -1,5 +1,6 @@
 """The README's claims hold: its Python blocks run, its commands' flags exist, its links resolve, and the scores
 it quotes for the published weights are the ones the files record."""
+import ast
 import contextlib
 import io
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 
@@ -39,7 +41,8 @@ def test_every_python_block_of_the_readme_runs(tmp_path):
 def readme_commands() -> dict[str, set[str]]:
     """The flags each of the repository's scripts is given anywhere in the README, by script."""
     flags = {}
-    for line in re.findall(r"^\s*(?:\S*python\s+|make\s+\S+\s+ARGS=\")?(\w+\.py\b.*)$", README, re.M):
+    runner = r"\S*python\s+|torchrun\s+(?:--\S+\s+)*|make\s+\S+\s+ARGS=\""
+    for line in re.findall(rf"^\s*(?:{runner})?(\w+\.py\b.*)$", README, re.M):
         script, *words = line.split()
         if (ROOT / script).is_file():
             flags.setdefault(script, set()).update(word.split("=")[0] for word in words if word.startswith("--"))
@@ -64,6 +67,19 @@ def script_help(script: str) -> str:
 def test_every_flag_the_readme_gives_a_script_exists(script):
     missing = sorted(flag for flag in readme_commands()[script] if flag not in script_help(script))
     assert not missing, f"the README gives {script} flags it does not have: {missing}"
+
+
+def test_every_notebook_parameter_the_readme_sets_exists():
+    """`-p NAME VALUE` (demo.py, papermill, make demo ARGS) names a TrainConfig field or a notebook's own setting."""
+    own = set()
+    for notebook in ("SAGAN_mnist.ipynb", "SAGAN_celeba.ipynb"):
+        cells = nbformat.read(ROOT / notebook, as_version=4).cells
+        (parameters,) = [cell for cell in cells if "parameters" in cell.metadata.get("tags", [])]
+        own |= {node.targets[0].id for node in ast.parse(parameters.source).body if isinstance(node, ast.Assign)}
+    named = set(re.findall(r"(?<![\w-])-p\s+(\w+)", README))
+    assert len(named) >= 3
+    unknown = named - own - set(TrainConfig.__dataclass_fields__)
+    assert not unknown, f"the README sets notebook parameters that do not exist: {sorted(unknown)}"
 
 
 OTHER_TOOLS_FLAGS = {"--logdir", "--help"}  # tensorboard's, and every script's
@@ -96,11 +112,16 @@ def test_every_link_and_picture_of_the_readme_resolves():
 
 
 def test_the_scores_the_readme_quotes_for_published_weights_are_those_the_files_record():
-    rows = re.findall(r"^\| `(weights/[\w.]+)` \| (\d+) \| (\d+) \| [\w ]+? ([\d.]+) \((\d+) samples\)", README, re.M)
-    assert rows, "the README's table of published weights is missing"
-    for path, seed, step, value, n in rows:
+    rows = re.findall(r"^\| `(weights/[\w.]+)` \| (\d+) \| (\d+) \| [\w ]+? ([\d.]+) \((\d+) samples\)"
+                      r"(?:, digit read back ([\d.]+)%)?", README, re.M)
+    published = {path.relative_to(ROOT).as_posix() for path in (ROOT / "weights").glob("*.pt")} - {
+        "weights/mnist_classifier.pt"}  # the evaluation's feature network, not a generator
+    assert {row[0] for row in rows} == published, "every published generator has a row in the README's table"
+    for path, seed, step, value, n, accuracy in rows:
         weights = torch.load(ROOT / path, weights_only=True)
         score = weights["score"]
         assert (weights["config"]["seed"], weights["step"]) == (int(seed), int(step)), path
         assert (f"{score['value']:.2f}", score["n"]) == (value, int(n)), path
+        if score.get("requested_accuracy") is not None or accuracy:
+            assert f"{100 * score['requested_accuracy']:.1f}" == accuracy, path
         assert f"`{score['command']}`" in README, f"the README does not give the command that reproduces {path}"
