@@ -11,7 +11,6 @@ notebook makes to runs/demo/<notebook name>/ (the notebook's demo_dir; pass -p d
 """
 import argparse
 import ast
-import csv
 import sys
 import threading
 from pathlib import Path
@@ -22,6 +21,7 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernel
 from tqdm import tqdm
 
 from config import ARMS, arm_folder
+from rundir import last_logged_step
 
 ROOT = Path(__file__).resolve().parent
 
@@ -54,16 +54,6 @@ def setting(notebook: nbformat.NotebookNode, parameters: dict, name: str):
     return None
 
 
-def latest_step(run_dir: Path) -> int:
-    """The last step a run logged (0 before its first row)."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return 0
-    with open(path, newline="") as f:
-        steps = [row["step"] for row in csv.DictReader(f) if row.get("step", "").isdigit()]
-    return int(steps[-1]) if steps else 0
-
-
 class Progress:
     """Bars per model, fed by polling the run folders while the notebook trains."""
 
@@ -81,7 +71,7 @@ class Progress:
 
     def update(self) -> None:
         for arm, bar in self.bars.items():
-            bar.n = min(latest_step(arm_folder(self.out, arm)), bar.total)
+            bar.n = min(last_logged_step(arm_folder(self.out, arm)), bar.total)
             bar.set_postfix_str("done" if bar.n >= bar.total else "training" if bar.n else "waiting", refresh=False)
             bar.refresh()
 

@@ -101,6 +101,16 @@ def save_checkpoint(state: TrainState, run_dir: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- metrics and grids
 
+def last_logged_step(run_dir: Path) -> int:
+    """The step of the last row of a run's metrics.csv (0 before its first row), read while the run may be writing."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        steps = [row["step"] for row in csv.DictReader(f) if row.get("step", "").isdigit()]
+    return int(steps[-1]) if steps else 0
+
+
 class RunLog:
     """metrics.csv, sample grids and (when installed) TensorBoard events of one run directory."""
 

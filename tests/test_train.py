@@ -16,6 +16,7 @@ import train
 from checkpoint import atomic_save, load_checkpoint, load_generator
 from config import ConfigError, TrainConfig
 from ema import standing_statistics
+from rundir import last_logged_step
 from state import build_state
 from train import NonFiniteLossError
 from utils import Stopwatch
@@ -404,13 +405,6 @@ def test_latest_is_written_by_time_as_well_as_by_steps(tmp_path):
     assert not list((run_dir / "checkpoints").glob("step_*.pt")), "step copies stay step-based"
 
 
-def _last_logged_step(run_dir: Path) -> int:
-    """The step of metrics.csv's last complete row (0 before there is one)."""
-    path = run_dir / "metrics.csv"
-    lines = path.read_text().splitlines()[1:] if path.exists() else []
-    return int(lines[-1].split(",")[0]) if lines and lines[-1].split(",")[0].isdigit() else 0
-
-
 @pytest.mark.slow
 def test_a_run_killed_at_random_moments_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     """SIGKILL four times at random moments past steps the run has logged (so the count does not depend on the
@@ -427,7 +421,7 @@ def test_a_run_killed_at_random_moments_ends_bitwise_equal_to_an_uninterrupted_o
         resume = ["--resume", str(out), "--steps", "120", "--threads", "1", "--quiet"]
         process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *(resume if out.exists() else [*flags, "--out", str(out)])],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-        while _last_logged_step(out) < past_step:
+        while last_logged_step(out) < past_step:
             assert process.poll() is None, f"the run ended before step {past_step}"
             time.sleep(0.01)
         if kill == 1:  # wait for a write: the temporary file exists and has not been renamed yet
