@@ -220,6 +220,9 @@ def inception_features(images: torch.Tensor, *, batch_size: int = 16, device: st
 
 # ---------------------------------------------------------------- real images and references
 
+FID_LABELS = {"classifier_fid": "classifier FID", "inception_fid": "Inception FID"}  # as tables and plots name them
+
+
 def headline_fid(dataset: str) -> str:
     """The FID that tables report for a dataset: the MNIST classifier's, or Inception's."""
     return f"{DEFAULT_METRICS[_reference_name(dataset)][0]}_fid"
@@ -462,12 +465,23 @@ def evaluate(target: str | Path | torch.nn.Module, n: int, *, ema: bool = True, 
                          options.get("data_root"), tuple(images.shape[1:]))
     if not isinstance(target, torch.nn.Module):
         described |= {"checkpoint": str(target), "step": info["step"]}
-    if dataset == "folder":  # no published floor to compare with: measure it beside the score, as large as the pool allows
-        floor_n = min(n, len(_file_split("folder", data.resolve_data_root(options.get("data_root")))[0]))
-        real = floor(dataset, floor_n, seed=seed, shape=tuple(images.shape[1:]), **options)
-        described["floor"] = {"n_images": floor_n, "images": real["protocol"]["images"],
-                              **{name: value for name, value in real.items() if name.endswith("_fid")}}
+    if dataset == "folder":  # no published floor to compare with: measure it beside the score
+        described["floor"] = dict(_folder_floor(n, seed, tuple(images.shape[1:]), **options))
     return {**scores, "protocol": described}
+
+
+_FOLDER_FLOORS: dict[str, dict] = {}  # one measurement per folder, size and options in a process (models compared)
+
+
+def _folder_floor(n: int, seed: int, shape: tuple[int, int, int], **options) -> dict:
+    """A folder's real-vs-real floor at n images, or at the whole floor pool if it is smaller."""
+    key = repr((n, seed, shape, sorted(options.items())))  # options may hold lists (--metrics): no lru_cache
+    if key not in _FOLDER_FLOORS:
+        pool = _file_split("folder", data.resolve_data_root(options.get("data_root")))[0]
+        real = floor("folder", min(n, len(pool)), seed=seed, shape=shape, **options)
+        _FOLDER_FLOORS[key] = {"n_images": min(n, len(pool)), "images": real["protocol"]["images"],
+                               **{name: value for name, value in real.items() if name.endswith("_fid")}}
+    return _FOLDER_FLOORS[key]
 
 
 def floor(dataset: str, n: int, *, seed: int = 0, shape: tuple[int, int, int] = DEFAULT_SHAPE, **options) -> dict:

@@ -59,8 +59,9 @@ def score_published(path: Path, n: int, data_root: str | None = None) -> dict:
 
 
 def published_entry(path: Path, seed: int, score: dict) -> dict:
-    """A row of the published-weights table: the file, its seed, the step it holds and its recorded score."""
-    return {"path": path.as_posix(), "seed": seed, "step": torch.load(path, weights_only=True)["step"], "score": score}
+    """A row of the published-weights table: the file, its seed, the step it holds (as its score's protocol records
+    it) and its recorded score."""
+    return {"path": path.as_posix(), "seed": seed, "step": score["protocol"]["step"], "score": score}
 
 
 def median_seed(runs: list[dict], milestone: str) -> int:
@@ -91,7 +92,8 @@ def precision_of(folder: Path) -> str:
 def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones: list[str], unit: str,
                   with_accuracy: bool) -> list[str]:
     """Median (min-max) over seeds of each group's FID at each milestone, steps reached and digit accuracy."""
-    metric = evaluate.headline_fid(floor["protocol"]["dataset"]).replace("_fid", " FID").replace("inception", "Inception")
+    fid = evaluate.headline_fid(floor["protocol"]["dataset"])
+    metric = evaluate.FID_LABELS[fid]
     at = (lambda key: f"{key} min") if unit == "minutes" else (lambda key: f"step {int(float(key))}")
     head = ["model", "seeds", f"steps at {at(milestones[-1])}", *(f"{metric} at {at(key)}" for key in milestones)]
     head += ["requested digit read back"] if with_accuracy else []
@@ -103,8 +105,7 @@ def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones
         if with_accuracy:
             cells.append(study.cell(group["milestones"][milestones[-1]]["accuracy"], 1, True))
         lines.append("| " + " | ".join(cells) + " |")
-    floor_cells = ["real vs real (floor)", "", "", *(f"{floor[evaluate.headline_fid(floor['protocol']['dataset'])]:.2f}"
-                                                      for _ in milestones)]
+    floor_cells = ["real vs real (floor)", "", "", *(f"{floor[fid]:.2f}" for _ in milestones)]
     lines.append("| " + " | ".join(floor_cells + ([""] if with_accuracy else [])) + " |")
     return lines
 
@@ -159,9 +160,9 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     lines = results_table(summary, labels, floor, milestones, plan.unit, with_accuracy=True)
     lines += ["", f"Classifier FID (lower is better) of {plan.final_n} samples against the {protocol['reference_size']} "
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
-                  f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G (not its EMA; a published file "
-                  f"holds the EMA where the recipe keeps one, and records its own score). Minutes are minutes of each run's own CPU time on {plan.threads} thread(s), "
-                  f"{args.jobs} run(s) side by side, evaluation not counted. Requested digit: the share of samples the "
+                  f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G (not its EMA; a "
+                  f"published file holds the EMA where the recipe keeps one, and records its own score). Minutes are "
+                  f"minutes of each run's own CPU time on {plan.threads} thread(s), {args.jobs} run(s) side by side, evaluation not counted. Requested digit: the share of samples the "
                   f"classifier reads as the digit asked for. Floor: {protocol['images']}.",
               f"Recipe: `{args.recipe}` (conditional: `{args.conditional_recipe}`), precision "
               f"{precision_of(chosen['sagan'])}. {machine_line(summary, plan.threads)}", "",
