@@ -27,6 +27,7 @@ import data
 from attention import attention_layers
 from checkpoint import read_config
 from config import ARMS
+from evaluate import FID_LABELS
 from models import class_rows, model_module, noise, sample_inputs
 from utils import to_unit_range
 
@@ -280,7 +281,7 @@ def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None =
     axis_labels = {"minutes": "minutes of training", "images": "images seen", "step": "step"}
     groups = summary["groups"]
     recipes = list(dict.fromkeys(name.split("/")[0] for name in groups))
-    name = summary.get("metric", "fid").replace("_", " ").replace("fid", "FID")
+    name = FID_LABELS.get(summary.get("metric"), "FID")
     ylabel = (f"{name} (median, min-max over seeds; lower is better)" if metric == "fid" else
               "requested class read back (median, min-max over seeds)")
     panels = [(key, title) for key, title in ((metric, "trained G"), (f"ema_{metric}", "EMA of G"))
