@@ -319,6 +319,21 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SAGAN_CACHE") or Path.home() / ".cache" / "sagan-eval")
 
 
+def _cached(name: str, protocol: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Arrays computed once and kept on disk (under $SAGAN_CACHE or ~/.cache/sagan-eval) in a file whose name hashes
+    `protocol`, everything they depend on, so a change never reuses stale ones."""
+    cache = _cache_dir() / f"{name}_{hashlib.sha1(protocol.encode()).hexdigest()[:12]}.npz"
+    if cache.is_file():
+        with np.load(cache) as stored:
+            return dict(stored)
+    arrays = compute()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f".{cache.stem}.{os.getpid()}.npz")  # two processes may compute it at once
+    np.savez(partial, **arrays)
+    partial.replace(cache)
+    return arrays
+
+
 @functools.lru_cache(maxsize=4)
 def _classifier_reference(root: Path, device: str) -> tuple[np.ndarray, np.ndarray]:
     return feature_statistics(_classifier_reference_features(root, device)[0])
@@ -326,29 +341,30 @@ def _classifier_reference(root: Path, device: str) -> tuple[np.ndarray, np.ndarr
 
 @functools.lru_cache(maxsize=4)
 def _classifier_reference_features(root: Path, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Classifier features of the reference digits (MNIST's test set where it can be had), and their labels."""
+    """Classifier features of the reference digits (MNIST's test set where it can be had) and their labels, cached
+    on disk by the digits' pixels and the classifier's weights: every process that scores MNIST needs them."""
     images, labels, _ = _mnist_reference(root)
-    return classifier_outputs(images, device=device)[0], labels.numpy()
+    protocol = json.dumps([hashlib.sha1(images.numpy().tobytes()).hexdigest(), _sha1(mnist_classifier.WEIGHTS_PATH)])
+    arrays = _cached("classifier_mnist_reference", protocol,
+                     lambda: {"features": classifier_outputs(images, device=device)[0], "labels": labels.numpy()})
+    return arrays["features"], arrays["labels"]
 
 
 def _inception_reference(dataset: str, root: Path, device: str, inception_path: str | Path | None,
                          shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Reference Inception statistics, cached on disk (under $SAGAN_CACHE or ~/.cache/sagan-eval): they take
-    minutes on a CPU. The file name hashes the whole reference protocol, so a change never reuses stale ones."""
+    """Reference Inception statistics, cached on disk: they take minutes on a CPU."""
     load_inception(inception_path, device=device)
+
+    def compute() -> dict[str, np.ndarray]:
+        print(f"computing Inception statistics of the {dataset} reference once (cached in {_cache_dir()})",
+              file=sys.stderr)
+        images = _real_images(dataset, "reference", None, root, 0, shape)
+        mu, sigma = feature_statistics(inception_features(images, device=device, inception_path=inception_path))
+        return {"mu": mu, "sigma": sigma}
+
     protocol = json.dumps([dataset, _describe_reference(dataset, root, shape), INCEPTION_SHA1, INCEPTION_INPUT])
-    cache = _cache_dir() / f"inception_{dataset}_reference_{hashlib.sha1(protocol.encode()).hexdigest()[:12]}.npz"
-    if cache.is_file():
-        stats = np.load(cache)
-        return stats["mu"], stats["sigma"]
-    print(f"computing Inception statistics of the {dataset} reference once (cached in {cache})", file=sys.stderr)
-    images = _real_images(dataset, "reference", None, root, 0, shape)
-    mu, sigma = feature_statistics(inception_features(images, device=device, inception_path=inception_path))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_name(f".{cache.stem}.{os.getpid()}.npz")  # two processes may compute it at once
-    np.savez(partial, mu=mu, sigma=sigma)
-    partial.replace(cache)
-    return mu, sigma
+    stats = _cached(f"inception_{dataset}_reference", protocol, compute)
+    return stats["mu"], stats["sigma"]
 
 
 # ---------------------------------------------------------------- scoring

@@ -94,6 +94,11 @@ class Plan:
                     eval_every=0 if by_time else int(self.eval_period), eval_n=self.eval_n, threads=self.threads,
                     data_root=self.data_root, quiet=True)
 
+    def finished(self, record: dict, leg: float) -> bool:
+        """Whether a run's record has the leg trained, and scored where the leg is a milestone."""
+        key = f"{leg:g}"
+        return key in record["legs"] and (leg not in self.milestones or key in record["milestones"])
+
     def pause(self, leg: float) -> dict:
         """train()'s keywords that stop a run at the end of a leg."""
         return {"pause_minutes": leg} if self.unit == "minutes" else {"pause_step": int(leg)}
@@ -123,7 +128,7 @@ def execute(run: Run, plan: Plan, until: float) -> None:
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
     torch.set_num_threads(plan.threads)
-    record = json.loads(run.record_path.read_text()) if run.record_path.exists() else {"legs": {}, "milestones": {}}
+    record = read_record(run.record_path)
     for leg in (leg for leg in plan.legs() if leg <= until):
         key = f"{leg:g}"
         if key not in record["legs"]:
@@ -155,12 +160,13 @@ def execute(run: Run, plan: Plan, until: float) -> None:
 def run_all(runs: list[Run], plan: Plan, jobs: int) -> None:
     """Every run, `jobs` at a time, each leg in a fresh process whose OpenMP uses plan.threads threads. Legs go in
     rounds (every run to the first pause, then every run to the next), so that runs waiting for a job and a study
-    stopped part way have advanced together."""
+    stopped part way have advanced together. Legs a run's record has done start no process."""
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(plan.threads)  # read when a worker starts
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
         for leg in plan.legs():
-            futures = {pool.submit(execute, run, plan, leg): run for run in runs}
+            futures = {pool.submit(execute, run, plan, leg): run for run in runs
+                       if not plan.finished(read_record(run.record_path), leg)}
             for future, run in futures.items():
                 try:
                     future.result()
@@ -171,6 +177,11 @@ def run_all(runs: list[Run], plan: Plan, jobs: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- summary
+
+def read_record(path: Path) -> dict:
+    """A run's record (<folder>.json beside its folder): its trained legs and scored milestones."""
+    return json.loads(path.read_text()) if path.exists() else {"legs": {}, "milestones": {}}
+
 
 def read_run(folder: Path) -> dict:
     """A study run's evaluations along the way (minutes, images, step, FIDs), its record, config and sessions."""
@@ -186,8 +197,7 @@ def read_run(folder: Path) -> dict:
                     "step": int(row["step"]), "fid": float(row[metric]), "ema_fid": number(row, f"ema_{metric}"),
                     "accuracy": number(row, "requested_accuracy"), "ema_accuracy": number(row, "ema_requested_accuracy")}
                    for row in rows]
-    record_path = folder.parent / f"{folder.name}.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"legs": {}, "milestones": {}}
+    record = read_record(folder.parent / f"{folder.name}.json")
     return {"config": config, "evaluations": evaluations, "record": record, "sessions": read_sessions(folder)}
 
 

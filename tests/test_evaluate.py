@@ -193,11 +193,11 @@ def test_inception_features_separate_real_from_noise(data_root):
     _skip_without_inception()
     # Tiny sets because Inception runs at a few images per second on 2 cores; FIDs this small are biased
     # upwards, but real-vs-real must still sit far below real-vs-noise.
-    faces = evaluate._real_images("celeba", "floor", 24, data_root, seed=0)
-    features = evaluate.inception_features(torch.cat([faces, torch.rand(12, 3, 64, 64) * 2 - 1]))
-    assert features.shape == (36, 2048) and features.min() >= 0
-    real_a, real_b, noise = features[:12], features[12:24], features[24:]
-    # Measured: 159 real-vs-real against 475 real-vs-noise.
+    faces = evaluate._real_images("celeba", "floor", 16, data_root, seed=0)
+    features = evaluate.inception_features(torch.cat([faces, torch.rand(8, 3, 64, 64) * 2 - 1]))
+    assert features.shape == (24, 2048) and features.min() >= 0
+    real_a, real_b, noise = features[:8], features[8:16], features[16:]
+    # Measured: 192 real-vs-real against 499 real-vs-noise (12 images a set: 193 and 495).
     assert 2 * evaluate.frechet_distance(real_a, real_b) < evaluate.frechet_distance(real_a, noise)
 
 
@@ -220,6 +220,31 @@ def test_inception_features_match_the_packages_own_extractor(data_root, monkeypa
     ours = evaluate.inception_features(faces)
     np.testing.assert_allclose(ours, expected, atol=1e-4)
     assert np.array_equal(evaluate.inception_features(faces), ours)  # deterministic run to run
+
+
+def test_the_reference_digits_features_are_computed_once_and_kept_on_disk_by_pixels_and_classifier(
+        data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAGAN_CACHE", str(tmp_path / "cache"))
+    root = data.resolve_data_root(data_root)
+    evaluate._classifier_reference_features.cache_clear()
+    features, labels = evaluate._classifier_reference_features(root, "cpu")
+    assert features.shape == (10000, 128) and labels.shape == (10000,)
+    (kept,) = (tmp_path / "cache").glob("classifier_mnist_reference_*.npz")
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("the reference features were computed again")
+
+    monkeypatch.setattr(evaluate, "classifier_outputs", recompute)
+    evaluate._classifier_reference_features.cache_clear()
+    again, again_labels = evaluate._classifier_reference_features(root, "cpu")  # another process: from the file
+    assert np.array_equal(again, features) and np.array_equal(again_labels, labels)
+    other_classifier = tmp_path / "other_classifier.pt"
+    other_classifier.write_bytes(mnist_classifier.WEIGHTS_PATH.read_bytes() + b"retrained")
+    monkeypatch.setattr(mnist_classifier, "WEIGHTS_PATH", other_classifier)
+    evaluate._classifier_reference_features.cache_clear()
+    with pytest.raises(AssertionError, match="computed again"):
+        evaluate._classifier_reference_features(root, "cpu")  # other weights: never the stale file
+    evaluate._classifier_reference_features.cache_clear()
 
 
 def test_cli_prints_the_floor_as_a_table_or_json(data_root, capsys):

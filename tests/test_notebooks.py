@@ -182,7 +182,7 @@ def test_the_celeba_notebook_trains_and_scores_any_folder_of_images(tmp_path):
     generator = np.random.default_rng(0)
     for index in range(16):
         Image.fromarray(generator.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{index:02d}.png")
-    notebook = execute(with_parameters("SAGAN_celeba.ipynb", **TINY, eval_n=8, dataset="folder", data_root=str(folder),
+    notebook = execute(with_parameters("SAGAN_celeba.ipynb", **TINY, eval_n=4, dataset="folder", data_root=str(folder),
                                        out=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
     check_outputs(notebook, tmp_path, "celebA", grid_size=2 + 8 * 66)
     table = "".join(output.text for output in code_cell(notebook, "comparison_table(").outputs if output.get("name") == "stdout")

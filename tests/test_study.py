@@ -97,3 +97,14 @@ def test_fid_at_equal_steps_takes_each_runs_last_evaluation_at_or_before_the_ste
     group = study.summarise_group([_run(0, [900.0, 500.0, 300.0]), _run(1, [800.0, 700.0])], period=1.0)
     assert study.fid_at_step(group, 250) == {"median": 600.0, "min": 500.0, "max": 700.0, "n": 2}  # steps 200 and 200
     assert study.fid_at_step(group, 50) == {}, "a seed with no evaluation that early"
+
+
+def test_legs_a_runs_record_has_done_start_no_process_and_a_milestone_not_scored_is_not_done(tmp_path):
+    plan = study.Plan(unit="minutes", budget=0.1, milestones=(0.1,), pause_every=0.05)
+    run = study.Run("default", "sagan", 0, tmp_path)
+    run.folder.parent.mkdir(parents=True)
+    trained = {"legs": {"0.05": {}, "0.1": {}}, "milestones": {}}
+    assert plan.finished(trained, 0.05) and not plan.finished(trained, 0.1)  # trained, but its milestone unscored
+    run.record_path.write_text(json.dumps(trained | {"milestones": {"0.1": {}}}))
+    study.run_all([run], plan, jobs=1)  # a resumed study or results.py call whose runs are all done
+    assert not run.log_path.exists(), "a process was started for legs the record has done"
