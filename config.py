@@ -181,6 +181,7 @@ RECIPES = {
     "diffaugment": dict(augment="translation,cutout"),
     "r1": dict(r1_weight=0.1),
     "d-steps-2": dict(d_steps=2),
+    "batch-16": dict(batch_size=16),
     "batch-32": dict(batch_size=32),
     "batch-128": dict(batch_size=128),
     "conditional": dict(conditional=True),
