@@ -262,15 +262,15 @@ def run_style(key: str, index: int) -> tuple[str, str]:
 
 
 def group_style(name: str, recipes: list[str], labels: dict[str, str] | None = None) -> tuple[str, str, str]:
-    """(label, colour, line style) of a study group '<recipe>/<arm>': the first recipe's arms in the arms' own colours
-    under their own names, every other recipe in a colour of its own and named (or as `labels` names the group);
-    SAGAN solid, the baseline dashed."""
+    """(label, colour, line style) of a study group '<recipe>/<arm>': the first recipe's arms in the arms' own colours,
+    every other recipe in a colour of its own; named by the arm alone where there is one recipe, by arm and recipe
+    where there are more (or as `labels` names the group); SAGAN solid, the baseline dashed."""
     recipe, arm = name.split("/")
     style = "-" if arm == "sagan" else "--"
+    label = (labels or {}).get(name, ARMS[arm].label if len(recipes) == 1 else f"{ARMS[arm].label}, {recipe}")
     if recipe == recipes[0]:
-        return (labels or {}).get(name, ARMS[arm].label), ARM_COLOURS[arm], style
-    colour = OTHER_COLOURS[(recipes.index(recipe) - 1) % len(OTHER_COLOURS)]
-    return (labels or {}).get(name, f"{ARMS[arm].label}, {recipe}"), colour, style
+        return label, ARM_COLOURS[arm], style
+    return label, OTHER_COLOURS[(recipes.index(recipe) - 1) % len(OTHER_COLOURS)], style
 
 
 def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None = None, metric: str = "fid",
@@ -281,6 +281,7 @@ def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None =
     axis_labels = {"minutes": "minutes of training", "images": "images seen", "step": "step"}
     groups = summary["groups"]
     recipes = list(dict.fromkeys(name.split("/")[0] for name in groups))
+    recipes.sort(key=lambda recipe: recipe != "default")  # the default, where there, is the one in the arms' colours
     name = FID_LABELS.get(summary.get("metric"), "FID")
     ylabel = (f"{name} (median, min-max over seeds; lower is better)" if metric == "fid" else
               "requested class read back (median, min-max over seeds)")

@@ -47,9 +47,13 @@ def test_plots_have_an_ema_panel_only_where_a_run_kept_an_ema(tmp_path):
     lines = {line.get_label(): line.get_color() for line in figure.axes[0].get_lines()}
     assert lines == {"SAGAN (2 seeds)": pictures.ARM_COLOURS["sagan"], "baseline (no attention) (1 seed)":
                      pictures.ARM_COLOURS["baseline"]}, "one recipe: each arm in its own colour, under its own name"
-    summary["groups"]["reuse-fakes/sagan"] = study.summarise_group([_run(0, [600.0, 200.0])], 1.0)
+    summary["groups"] = {"betas-0.5/sagan": study.summarise_group([_run(0, [600.0, 200.0])], 1.0), **summary["groups"],
+                         "reuse-fakes/sagan": study.summarise_group([_run(0, [600.0, 200.0])], 1.0)}
     lines = {line.get_label(): line for line in pictures.plot_fid(summary, "minutes").axes[0].get_lines()}
-    assert lines["SAGAN (2 seeds)"].get_color() == pictures.ARM_COLOURS["sagan"], "the first recipe keeps the arm colours"
+    assert lines["SAGAN, default (2 seeds)"].get_color() == pictures.ARM_COLOURS["sagan"], \
+        "several recipes: each named; the default, listed or not first, keeps the arm colours"
+    assert to_hex(lines["SAGAN, betas-0.5 (1 seed)"].get_color()) != to_hex(pictures.ARM_COLOURS["sagan"])
+    del summary["groups"]["betas-0.5/sagan"]
     summary["groups"]["paper/sagan"] = study.summarise_group([_run(0, [650.0, 250.0])], 1.0)
     lines = {line.get_label(): line for line in pictures.plot_fid(summary, "minutes").axes[0].get_lines()}
     others = [lines["SAGAN, reuse-fakes (1 seed)"], lines["SAGAN, paper (1 seed)"]]
