@@ -33,7 +33,8 @@ from utils import to_unit_range
 
 # One name and one colour per arm in every picture: the baseline left (blue), SAGAN right (red).
 ARM_COLOURS = {"baseline": "tab:blue", "sagan": "tab:red"}
-OTHER_COLOURS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+OTHER_COLOURS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray",
+                 "black", "darkgoldenrod", "teal", "magenta")  # a study of up to 13 recipes without a repeat
 ARM_TITLES = tuple(ARMS[arm].label for arm in ARM_COLOURS)
 GRID_NAME = re.compile(r"step_(\d+)\.png")
 DATASET_SIZES = {"mnist": 60_000, "mnist-5k": 5_000}  # training images; other datasets are counted
