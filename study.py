@@ -56,7 +56,7 @@ class Run:
 
     @property
     def record_path(self) -> Path:
-        return self.folder.parent / f"{self.folder.name}.json"
+        return record_path(self.folder)
 
     @property
     def log_path(self) -> Path:
@@ -178,6 +178,11 @@ def run_all(runs: list[Run], plan: Plan, jobs: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- summary
 
+def record_path(folder: Path) -> Path:
+    """Where a run's record lives: <folder>.json beside its folder."""
+    return folder.parent / f"{folder.name}.json"
+
+
 def read_record(path: Path) -> dict:
     """A run's record (<folder>.json beside its folder): its trained legs and scored milestones."""
     return json.loads(path.read_text()) if path.exists() else {"legs": {}, "milestones": {}}
@@ -197,7 +202,7 @@ def read_run(folder: Path) -> dict:
                     "step": int(row["step"]), "fid": float(row[metric]), "ema_fid": number(row, f"ema_{metric}"),
                     "accuracy": number(row, "requested_accuracy"), "ema_accuracy": number(row, "ema_requested_accuracy")}
                    for row in rows]
-    record = read_record(folder.parent / f"{folder.name}.json")
+    record = read_record(record_path(folder))
     return {"config": config, "evaluations": evaluations, "record": record, "sessions": read_sessions(folder)}
 
 
