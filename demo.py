@@ -11,8 +11,10 @@ notebook makes to runs/demo/<notebook name>/ (the notebook's demo_dir; pass -p d
 """
 import argparse
 import ast
+import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
 import nbformat
@@ -24,6 +26,32 @@ from config import ARMS, arm_folder
 from rundir import last_logged_step
 
 ROOT = Path(__file__).resolve().parent
+
+
+class NotebookRunner(NotebookClient):
+    """nbclient's NotebookClient, waiting for the kernel's messages in one-second slices. Its wait can miss the wake-up
+    of a reply that has already arrived (jupyter/nbclient#312; here after cells that display ipywidgets), and then
+    returns only when the cell's timeout ends, or, with none, never. The poll at the end of each slice finds it."""
+
+    async def async_start_new_kernel_client(self):
+        client = await super().async_start_new_kernel_client()
+        for channel in (client.shell_channel, client.iopub_channel):
+            channel.get_msg = in_slices(channel.get_msg)
+        return client
+
+
+def in_slices(get_msg, seconds: float = 1.0):
+    """`get_msg(timeout)` as a series of waits of at most `seconds`, raising queue.Empty only once `timeout` is over."""
+    async def get_msg_in_slices(timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = seconds if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await get_msg(timeout=min(seconds, left))
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+    return get_msg_in_slices
 
 
 def parameter_value(text: str):
@@ -127,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if progress and "compare(config," in cell.source:
             progress.pop().close()
 
-    client = NotebookClient(notebook, timeout=args.timeout, kernel_name="python3",
+    client = NotebookRunner(notebook, timeout=args.timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT)}},
                             on_cell_start=on_cell_start, on_cell_executed=on_cell_executed)
     try:

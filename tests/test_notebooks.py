@@ -1,4 +1,6 @@
 """The two notebooks: committed clean, and executed top to bottom in a real Jupyter kernel with tiny settings."""
+import asyncio
+import queue
 import subprocess
 import sys
 from pathlib import Path
@@ -6,9 +8,10 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
-from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from PIL import Image
+
+from demo import NotebookRunner, in_slices
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("SAGAN_mnist.ipynb", "SAGAN_celeba.ipynb")
@@ -38,7 +41,7 @@ def with_parameters(name: str, **overrides) -> nbformat.NotebookNode:
 def execute(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Run every cell in a python3 kernel started in the repository root, outputs written into `notebook`."""
     # A cell gets 240 s, under pytest's 600 s for the test, so a cell that hangs fails with its own source shown.
-    NotebookClient(notebook, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookRunner(notebook, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     return notebook
 
 
@@ -194,3 +197,24 @@ def test_an_unknown_setting_in_the_parameters_cell_stops_the_notebook_naming_it(
     with pytest.raises(CellExecutionError, match="unknown setting 'ema_decya' in the parameters cell"):
         execute(notebook)
     assert not (tmp_path / "runs").exists()
+
+
+def test_waits_for_kernel_messages_in_slices_so_a_missed_wake_up_costs_one_slice():
+    """A message that a wait missed is found by the next slice's wait; with a timeout, Empty only once it is over."""
+    asked = []
+
+    def channel(arrives_on_wait: int | None):
+        async def get_msg(timeout):
+            asked.append(timeout)
+            if len(asked) == arrives_on_wait:
+                return "reply"
+            await asyncio.sleep(timeout)
+            raise queue.Empty
+        return get_msg
+
+    assert asyncio.run(in_slices(channel(arrives_on_wait=3), seconds=0.01)(timeout=None)) == "reply"
+    assert asked == [0.01, 0.01, 0.01], "no limit: slice after slice until the reply"
+    asked.clear()
+    with pytest.raises(queue.Empty):
+        asyncio.run(in_slices(channel(arrives_on_wait=None), seconds=0.01)(timeout=0.05))
+    assert len(asked) >= 5 and max(asked) <= 0.01, "a timeout is waited out in slices, then Empty"
