@@ -700,17 +700,30 @@ if __name__ == "__main__":
                                                  "self-attention block, the 28x28 model). attention: how much a "
                                                  "generator's attention maps depend on the query.")
     parser.add_argument("command", choices=["diagrams", "attention"])
-    parser.add_argument("generator", nargs="?", help="attention: a run directory, checkpoint or weights file")
+    parser.add_argument("generators", nargs="*", help="attention: run directories, checkpoints or weights files "
+                                                       "(several: each, then the median of each statistic)")
     parser.add_argument("--out", default="demo", help="diagrams: folder for SA_structure.png and model_structure.png")
     parser.add_argument("--n", type=int, default=8, help="attention: samples averaged over")
     args = parser.parse_args()
     if args.command == "diagrams":
         for path in draw_diagrams(args.out):
             print(path)
+    elif not args.generators:
+        parser.error("attention needs at least one generator: a run directory, checkpoint or weights file")
     else:
-        G, info = load_generator(args.generator)
-        print(f"{args.generator} (step {info['step']}), {args.n} samples:")
-        for row in attention_report(G, args.n):
-            print(f"  layer {row['layer']}: {row['queries']} queries x {row['keys']} keys, entropy {row['entropy']:.2f} "
-                  f"of uniform, overlap between queries {row['overlap']:.2f}, top key shared by "
-                  f"{row['top_key_share']:.0%}, score gap (max - median) {row['score_gap']:.1f}, gamma {row['gamma']:+.3f}")
+        def line(row: dict) -> str:
+            return (f"  layer {row['layer']}: {row['queries']} queries x {row['keys']} keys, entropy {row['entropy']:.2f} "
+                    f"of uniform, overlap between queries {row['overlap']:.2f}, top key shared by "
+                    f"{row['top_key_share']:.0%}, score gap (max - median) {row['score_gap']:.1f}, gamma {row['gamma']:+.3f}")
+
+        reports = []
+        for generator in args.generators:
+            G, info = load_generator(generator)
+            reports.append(attention_report(G, args.n))
+            print(f"{generator} (step {info['step']}), {args.n} samples:")
+            print("\n".join(line(row) for row in reports[-1]))
+        if len(reports) > 1:
+            print(f"median of the {len(reports)} generators:")
+            for rows in zip(*reports):
+                print(line(rows[0] | {key: float(np.median([row[key] for row in rows]))
+                                      for key in ("entropy", "overlap", "top_key_share", "score_gap", "gamma")}))

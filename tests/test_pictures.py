@@ -315,3 +315,21 @@ def test_attention_report_averages_the_statistics_over_samples_and_measures_the_
             layer.query.weight.mul_(20)
     sharper = pictures.attention_report(G, n=2)
     assert all(s["score_gap"] > r["score_gap"] and s["entropy"] < r["entropy"] for s, r in zip(sharper, report))
+
+
+def test_attention_command_reports_each_generator_then_the_median():
+    """`python pictures.py attention A B`: one report per generator, then each statistic's median (of two: the mean)."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    generators = ["weights/sagan_mnist.pt", "weights/sagan_mnist_conditional.pt"]
+    made = subprocess.run([sys.executable, "pictures.py", "attention", *generators, "--n", "1"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    lines = made.stdout.splitlines()
+    assert [line.split(" (step")[0] for line in lines[0::2][:2]] == generators
+    assert lines[4] == "median of the 2 generators:"
+    entropy = [float(re.search(r"entropy ([0-9.]+)", line).group(1)) for line in (lines[1], lines[3], lines[5])]
+    assert entropy[0] != entropy[1] and abs(entropy[2] - (entropy[0] + entropy[1]) / 2) <= 0.006
