@@ -89,9 +89,33 @@ def frechet_distance_from_stats(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.
     return float(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * np.sqrt(product.clip(min=0)).sum())
 
 
+def frechet_distance_to(features: np.ndarray | torch.Tensor, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """Fréchet distance between a Gaussian fitted to (N, D) features and one given by (mu, sigma).
+
+    With no more samples than dimensions (N <= D: 500 or 1,000 samples against Inception's 2048), the sample
+    covariance is X^T X / (N - 1) for the centred features X, and the nonzero eigenvalues of S sigma are those of
+    the N x N matrix X sigma X^T / (N - 1): the same value to rounding, from one small eigendecomposition instead of
+    two of D x D (0.3 s instead of 8 s on one busy CPU thread at N = 500, D = 2048)."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features must be (N >= 2, D); got shape {features.shape}")
+    count, dimensions = features.shape
+    if count > dimensions:
+        return frechet_distance_from_stats(*feature_statistics(features), mu, sigma)
+    mu, sigma = np.atleast_1d(np.float64(mu)), np.atleast_2d(np.float64(sigma))
+    if mu.shape != (dimensions,) or sigma.shape != (dimensions, dimensions):
+        raise ValueError(f"statistics of shape {mu.shape}, {sigma.shape} do not match features of {dimensions} dimensions")
+    mean = features.mean(axis=0)
+    centred = features - mean
+    product = np.linalg.eigvalsh(centred @ sigma @ centred.T / (count - 1))
+    diff = mean - mu
+    return float(diff @ diff + (centred ** 2).sum() / (count - 1) + np.trace(sigma)
+                 - 2.0 * np.sqrt(product.clip(min=0)).sum())
+
+
 def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two (N, D) feature sets."""
-    return frechet_distance_from_stats(*feature_statistics(features_a), *feature_statistics(features_b))
+    return frechet_distance_to(features_a, *feature_statistics(features_b))
 
 
 # ---------------------------------------------------------------- classifier score and coverage
@@ -389,8 +413,7 @@ def score(images: torch.Tensor, dataset: str, *, labels: torch.Tensor | None = N
     if "classifier" in metrics:
         features, probs = classifier_outputs(images, batch_size=batch_size, device=device)
         histogram = class_histogram(probs)
-        scores |= {"classifier_fid": frechet_distance_from_stats(*feature_statistics(features),
-                                                                 *_classifier_reference(root, str(device))),
+        scores |= {"classifier_fid": frechet_distance_to(features, *_classifier_reference(root, str(device))),
                    "classifier_score": classifier_score(probs), "classes_covered": classes_covered(histogram),
                    "class_histogram": histogram}
         if labels is not None:
@@ -398,7 +421,7 @@ def score(images: torch.Tensor, dataset: str, *, labels: torch.Tensor | None = N
     if "inception" in metrics:
         reference = _inception_reference(dataset, root, str(device), inception_path, tuple(images.shape[1:]))
         features = inception_features(images, device=device, inception_path=inception_path)
-        scores["inception_fid"] = frechet_distance_from_stats(*feature_statistics(features), *reference)
+        scores["inception_fid"] = frechet_distance_to(features, *reference)
     return scores
 
 

@@ -64,6 +64,21 @@ def test_frechet_of_feature_sets_uses_their_sample_statistics():
     assert evaluate.frechet_distance(features_a, features_a) == pytest.approx(0.0, abs=1e-8)
 
 
+@pytest.mark.parametrize("count", [2, 10, 63, 64, 65, 300])
+def test_frechet_to_a_reference_takes_the_small_path_below_the_dimension_with_the_same_value(count):
+    """Fewer samples than dimensions: the N x N eigenproblem gives the D x D one's value, on both sides of N = D."""
+    rng = np.random.default_rng(count)
+    features = rng.normal(loc=0.3, size=(count, 64)) @ rng.normal(size=(64, 64))
+    reference = rng.normal(size=(1000, 64)) @ rng.normal(size=(64, 64))
+    mu, sigma = reference.mean(0), np.cov(reference, rowvar=False)
+    expected = _independent_frechet(features.mean(0), np.cov(features, rowvar=False), mu, sigma)
+    assert evaluate.frechet_distance_to(features, mu, sigma) == pytest.approx(expected, rel=1e-7)
+    assert evaluate.frechet_distance_to(features, mu, sigma) == pytest.approx(
+        evaluate.frechet_distance_from_stats(features.mean(0), np.cov(features, rowvar=False), mu, sigma), rel=1e-7)
+    with pytest.raises(ValueError, match="shape"):
+        evaluate.frechet_distance_to(features, mu[:32], sigma[:32, :32])
+
+
 def test_frechet_handles_singular_covariances():
     rng = np.random.default_rng(3)
     few = rng.normal(size=(10, 64))  # 10 points in 64-d: rank-deficient covariance
