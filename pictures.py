@@ -288,7 +288,8 @@ def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None =
               "requested class read back (median, min-max over seeds)")
     panels = [(key, title) for key, title in ((metric, "trained G"), (f"ema_{metric}", "EMA of G"))
               if any(point.get(key) for group in groups.values() for point in group["curve"])]
-    figure = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
+    rows = -(-len(groups) // 3)  # legend rows, below the panels
+    figure = Figure(figsize=(max(5.5 * len(panels), 9), 4.5 + 0.25 * rows), layout="constrained")
     axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for axis, (fid_key, title) in zip(axes, panels):
         for group_name, group in groups.items():
@@ -303,7 +304,8 @@ def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None =
             axis.fill_between(x, [p[fid_key]["min"] for p in points], [p[fid_key]["max"] for p in points],
                               color=colour, alpha=0.15)
         axis.set(xlabel=axis_labels[axis_key], ylabel=ylabel, yscale="log" if metric == "fid" else "linear", title=title)
-        axis.legend(fontsize="x-small")
+    handles, names = axes[0].get_legend_handles_labels()  # the panels share their groups: one legend, off the curves
+    figure.legend(handles, names, loc="outside lower center", ncols=min(3, len(names)) or 1, fontsize="small")
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)

@@ -38,12 +38,14 @@ def test_a_group_keeps_only_ticks_every_seed_reached_and_milestones_every_seed_h
 
 def test_plots_have_an_ema_panel_only_where_a_run_kept_an_ema(tmp_path):
     summary = {"groups": {"default/sagan": study.summarise_group([_run(0, [900.0, 500.0]), _run(1, [800.0, 400.0])], 1.0)}}
-    pictures.plot_fid(summary, "minutes", tmp_path / "one.png")
-    one_panel = Image.open(tmp_path / "one.png").size
+    one_panel = pictures.plot_fid(summary, "minutes", tmp_path / "one.png")
+    assert [axis.get_title() for axis in one_panel.axes] == ["trained G"]
     summary["groups"]["default/baseline"] = study.summarise_group([_run(0, [700.0, 300.0], ema=True)], 1.0)
     figure = pictures.plot_fid(summary, "images", tmp_path / "two.png")
-    two_panels = Image.open(tmp_path / "two.png").size
-    assert two_panels[0] == 2 * one_panel[0] and two_panels[1] == one_panel[1]
+    assert [axis.get_title() for axis in figure.axes] == ["trained G", "EMA of G"]
+    assert Image.open(tmp_path / "two.png").size[0] > Image.open(tmp_path / "one.png").size[0]
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == ["SAGAN (2 seeds)", "baseline (no attention) (1 seed)"]
     lines = {line.get_label(): line.get_color() for line in figure.axes[0].get_lines()}
     assert lines == {"SAGAN (2 seeds)": pictures.ARM_COLOURS["sagan"], "baseline (no attention) (1 seed)":
                      pictures.ARM_COLOURS["baseline"]}, "one recipe: each arm in its own colour, under its own name"
