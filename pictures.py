@@ -728,4 +728,4 @@ if __name__ == "__main__":
             print(f"median of the {len(reports)} generators:")
             for rows in zip(*reports):
                 print(line(rows[0] | {key: float(np.median([row[key] for row in rows]))
-                                      for key in ("entropy", "overlap", "top_key_share", "score_gap", "gamma")}))
+                                      for key in rows[0] if key not in ("layer", "queries", "keys")}))

@@ -2,6 +2,9 @@
 import csv
 import dataclasses
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -319,10 +322,6 @@ def test_attention_report_averages_the_statistics_over_samples_and_measures_the_
 
 def test_attention_command_reports_each_generator_then_the_median():
     """`python pictures.py attention A B`: one report per generator, then each statistic's median (of two: the mean)."""
-    import re
-    import subprocess
-    import sys
-
     root = Path(__file__).resolve().parent.parent
     generators = ["weights/sagan_mnist.pt", "weights/sagan_mnist_conditional.pt"]
     made = subprocess.run([sys.executable, "pictures.py", "attention", *generators, "--n", "1"], cwd=root,
