@@ -39,6 +39,7 @@ ARM_TITLES = tuple(ARMS[arm].label for arm in ARM_COLOURS)
 GRID_NAME = re.compile(r"step_(\d+)\.png")
 DATASET_SIZES = {"mnist": 60_000, "mnist-5k": 5_000}  # training images; other datasets are counted
 TRAINING_COLUMNS = ("step", "d_loss", "g_loss", "d_real", "d_fake", "img_per_s", "wall_time", "cpu_time")
+D_MARGIN, MARGIN_WINDOW = "d_real - d_fake", 25  # D's smoothed margin: the sign of memorising a small dataset
 WHITE, INK = (255, 255, 255), (20, 20, 20)
 
 # ---------------------------------------------------------------------------------------------- grids
@@ -233,6 +234,9 @@ def plot_curves(runs: Mapping[str, str | Path] | Sequence[str | Path], path: str
     """
     labelled = dict(runs) if isinstance(runs, Mapping) else {Path(run).name: run for run in runs}
     metrics = {key: read_metrics(run) for key, run in labelled.items()}
+    for run_metrics in metrics.values():
+        if {"d_real", "d_fake"} <= run_metrics.keys():
+            run_metrics[D_MARGIN] = running_mean(run_metrics["d_real"] - run_metrics["d_fake"], MARGIN_WINDOW)
     panels = _curve_panels(metrics.values())
     columns = min(len(panels), 3)
     figure = Figure(figsize=(5 * columns, 3.6 * math.ceil(len(panels) / columns)), layout="constrained")
@@ -253,6 +257,18 @@ def plot_curves(runs: Mapping[str, str | Path] | Sequence[str | Path], path: str
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
     return figure
+
+
+def running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """The mean of each value and the window - 1 before it (fewer at the start), NaN where all of them are NaN."""
+    known = np.isfinite(values)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(known, values, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(known)])
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    count = counts[ends] - counts[starts]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (sums[ends] - sums[starts]) / count, math.nan)
 
 
 def run_style(key: str, index: int) -> tuple[str, str]:
@@ -316,8 +332,9 @@ def _curve_panels(all_metrics) -> list[tuple[str, list[str]]]:
     """(title, columns) of each panel that has data in at least one run."""
     names = list(dict.fromkeys(name for run_metrics in all_metrics for name in run_metrics))
     gammas = [name for name in names if name.startswith("gamma_")]
-    evaluations = [name for name in names if name not in TRAINING_COLUMNS and name not in gammas]
+    evaluations = [name for name in names if name not in (*TRAINING_COLUMNS, D_MARGIN) and name not in gammas]
     panels = [("Losses", ["d_loss", "g_loss"]), ("Mean D output (logits)", ["d_real", "d_fake"]),
+              (f"D's margin, real - fake (mean of {MARGIN_WINDOW} rows)", [D_MARGIN]),
               ("Attention gamma (0 = attention off)", gammas)] + [(name, [name]) for name in evaluations]
     return [(title, columns) for title, columns in panels
             if any(np.isfinite(m[c]).any() for m in all_metrics for c in columns if c in m)]
@@ -398,7 +415,9 @@ def attention_figure(image: torch.Tensor, maps: Sequence[LayerAttention],
         for layer, (axis, layer_map) in enumerate(zip(axes[index, 1:], maps)):
             axis.imshow(picture, **gray)
             heat = axis.imshow(layer_map.for_pixel(row, col, (height, width)).numpy(), cmap="inferno", alpha=0.65)
-            figure.colorbar(heat, ax=axis, fraction=0.046, pad=0.02).ax.tick_params(labelsize="x-small")
+            scale = figure.colorbar(heat, ax=axis, fraction=0.046, pad=0.02)
+            scale.set_label("attention weight", fontsize="x-small")
+            scale.ax.tick_params(labelsize="x-small")
             (q_h, q_w), (k_h, k_w) = layer_map.query_grid, layer_map.key_grid
             axis.set_title(f"layer {layer}: {q_h}x{q_w} queries, {k_h}x{k_w} keys", fontsize="small")
         for axis in axes[index]:

@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+import math
 import re
 import subprocess
 import sys
@@ -180,8 +181,11 @@ def test_curves_compare_runs_and_plot_evaluation_columns(tmp_path):
                            for s, fid in ((10, ""), (20, 42.0), (30, ""))])
     figure = pictures.plot_curves({"baseline": baseline, "sagan": sagan}, tmp_path / "curves.png")
     panels = {axis.get_title(): axis for axis in figure.axes if axis.get_visible()}
-    assert list(panels) == ["Losses", "Mean D output (logits)", "Attention gamma (0 = attention off)", "fid_classifier"]
+    margin = f"D's margin, real - fake (mean of {pictures.MARGIN_WINDOW} rows)"
+    assert list(panels) == ["Losses", "Mean D output (logits)", margin, "Attention gamma (0 = attention off)",
+                            "fid_classifier"]
     assert len(panels["Losses"].lines) == 4  # d_loss and g_loss of both runs
+    np.testing.assert_allclose([line.get_ydata() for line in panels[margin].lines], [[0.4, 0.4, 0.4]] * 2)
     assert [line.get_label() for line in panels["Attention gamma (0 = attention off)"].lines] == \
         ["SAGAN: gamma_G0", "SAGAN: gamma_D0"]
     colours = {line.get_label(): line.get_color() for line in panels["Losses"].lines}
@@ -194,6 +198,13 @@ def test_curves_compare_runs_and_plot_evaluation_columns(tmp_path):
     renamed = baseline.rename(tmp_path / "my_run")
     labels = [line.get_label() for line in pictures.plot_curves([renamed]).axes[0].lines]
     assert labels == ["my run: d_loss", "my run: g_loss"]  # labelled by folder name
+
+
+def test_running_mean_averages_the_window_before_each_value_and_skips_gaps():
+    values = np.array([1.0, 3.0, math.nan, 5.0, 7.0])
+    np.testing.assert_allclose(pictures.running_mean(values, 2), [1.0, 2.0, 3.0, 5.0, 6.0])
+    np.testing.assert_allclose(pictures.running_mean(values, 10), [1.0, 2.0, 2.0, 3.0, 4.0])
+    assert np.isnan(pictures.running_mean(np.array([math.nan, 1.0]), 1)[0])
 
 
 def test_attention_maps_record_each_layer_without_changing_the_image():
