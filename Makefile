@@ -19,8 +19,8 @@ test: install
 	SAGAN_DATA=$${SAGAN_DATA:-$(SHARED_DATA)} $(PY) -m pytest
 
 # The main job: SAGAN and its baseline on MNIST, headless, as the notebook runs it, with progress in the terminal;
-# writes demo/comparison_mnist.gif, curves and attention maps, keeps the executed notebook in runs/demo/ (a rerun
-# resumes from runs/mnist_comparison). Notebook parameters: make demo ARGS="-p steps 2000".
+# keeps the executed notebook as runs/demo/SAGAN_mnist.ipynb and its GIF, curves and attention maps in
+# runs/demo/SAGAN_mnist/ (a rerun resumes from runs/mnist_comparison). Notebook parameters: make demo ARGS="-p steps 2000".
 demo: install
 	$(PY) demo.py $(ARGS)
 

@@ -315,7 +315,7 @@ def vs_reference(args: argparse.Namespace) -> dict:
     runs: dict[str, list[float]] = {}
     for round_index in range(args.rounds):
         for model, attn in ((64, True), (64, False), (28, True)):
-            arm = f"{model}_{'attn' if attn else 'noattn'}"
+            arm = f"{model}_{'sagan' if attn else 'baseline'}"
             runs.setdefault(f"reference_train_{arm}", []).append(reference_training(args, model, attn))
             ours = in_fresh_process(measure_training, argparse.Namespace(**{**vars(args), "model": model, "attn": attn}))
             runs.setdefault(f"ours_train_{arm}", []).append(ours["train_img_per_s"])
@@ -324,10 +324,10 @@ def vs_reference(args: argparse.Namespace) -> dict:
                 runs.setdefault(f"reference_sample_{model}", []).append(in_fresh_process(reference_sampling, args, model))
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     medians = {name: statistics.median(values) for name, values in runs.items()}
-    ratios = {"train_64_attn": ("ours_train_64_attn", "reference_train_64_attn"),
-              "train_28_attn": ("ours_train_28_attn", "reference_train_28_attn"),
-              "attn_cost_64": ("ours_train_64_noattn", "ours_train_64_attn"),
-              "reference_attn_cost_64": ("reference_train_64_noattn", "reference_train_64_attn"),
+    ratios = {"train_64_sagan": ("ours_train_64_sagan", "reference_train_64_sagan"),
+              "train_28_sagan": ("ours_train_28_sagan", "reference_train_28_sagan"),
+              "attn_cost_64": ("ours_train_64_baseline", "ours_train_64_sagan"),
+              "reference_attn_cost_64": ("reference_train_64_baseline", "reference_train_64_sagan"),
               "sample_64": ("ours_sample_64", "reference_sample_64"), "sample_28": ("ours_sample_28", "reference_sample_28")}
     return {"machine": machine(args.threads), "rounds": args.rounds, "batch_size": args.batch_size or 64,
             "ours": {"reuse_fakes": args.reuse_fakes, "channels_last": args.channels_last},

@@ -352,7 +352,7 @@ def train_overrides(flags: list[str]) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", "--variants", nargs="+", default=["default"], type=recipe_name, metavar="RECIPE",
+    parser.add_argument("--recipes", nargs="+", default=["default"], type=recipe_name, metavar="RECIPE",
                         help=f"what to train: 'default', 'original' or changes joined by '+' ({', '.join(name for name in RECIPES if name not in WHOLE_RECIPES)})")
     parser.add_argument("--arms", nargs="+", default=["sagan"], choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
