@@ -259,6 +259,22 @@ def plot_curves(runs: Mapping[str, str | Path] | Sequence[str | Path], path: str
     return figure
 
 
+def margin_by_window(run_dir: str | Path, every: int) -> list[dict[str, float]]:
+    """For each `every` steps of a run: the last step, D's mean margin (d_real - d_fake) over those steps, and the
+    evaluation columns logged at that step (what the README's curve tables quote)."""
+    metrics = read_metrics(run_dir)
+    steps, margin = metrics["step"], metrics["d_real"] - metrics["d_fake"]
+    evaluations = [name for name in metrics if name not in TRAINING_COLUMNS and not name.startswith("gamma_")]
+    rows = []
+    for end in range(every, int(steps.max()) + 1, every):
+        window = (steps > end - every) & (steps <= end)
+        at_end = {name: metrics[name][steps == end] for name in evaluations}
+        rows.append({"step": end, D_MARGIN: float(np.nanmean(margin[window]))}
+                    | {name: float(values[np.isfinite(values)][-1]) for name, values in at_end.items()
+                       if np.isfinite(values).any()})
+    return rows
+
+
 def running_mean(values: np.ndarray, window: int) -> np.ndarray:
     """The mean of each value and the window - 1 before it (fewer at the start), NaN where all of them are NaN."""
     known = np.isfinite(values)
@@ -719,18 +735,27 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="diagrams: draw the README's figures from the model files (the "
                                                  "self-attention block, the 28x28 model). attention: how much a "
-                                                 "generator's attention maps depend on the query.")
-    parser.add_argument("command", choices=["diagrams", "attention"])
+                                                 "generator's attention maps depend on the query. curves: D's margin "
+                                                 "and the evaluations of run directories, every --every steps.")
+    parser.add_argument("command", choices=["diagrams", "attention", "curves"])
     parser.add_argument("generators", nargs="*", help="attention: run directories, checkpoints or weights files "
-                                                       "(several: each, then the median of each statistic)")
+                                                       "(several: each, then the median of each statistic); "
+                                                       "curves: run directories")
     parser.add_argument("--out", default="demo", help="diagrams: folder for SA_structure.png and model_structure.png")
     parser.add_argument("--n", type=int, default=8, help="attention: samples averaged over")
+    parser.add_argument("--every", type=int, default=500, help="curves: steps per row")
     args = parser.parse_args()
     if args.command == "diagrams":
         for path in draw_diagrams(args.out):
             print(path)
     elif not args.generators:
-        parser.error("attention needs at least one generator: a run directory, checkpoint or weights file")
+        parser.error(f"{args.command} needs at least one run directory (attention: or a checkpoint or weights file)")
+    elif args.command == "curves":
+        for run in args.generators:
+            print(f"{run}, every {args.every} steps:")
+            for row in margin_by_window(run, args.every):
+                print("  " + ", ".join(f"{key} {value:g}" if key == "step" else f"{key} {value:.2f}"
+                                       for key, value in row.items()))
     else:
         def line(row: dict) -> str:
             return (f"  layer {row['layer']}: {row['queries']} queries x {row['keys']} keys, entropy {row['entropy']:.2f} "

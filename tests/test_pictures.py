@@ -200,6 +200,14 @@ def test_curves_compare_runs_and_plot_evaluation_columns(tmp_path):
     assert labels == ["my run: d_loss", "my run: g_loss"]  # labelled by folder name
 
 
+def test_margin_by_window_averages_d_real_minus_d_fake_per_window_and_reads_evaluations_at_its_end(tmp_path):
+    rows = [{"step": step, "d_real": step / 10, "d_fake": -1.0, "gamma_G0": 0.1,
+             "inception_fid": 50.0 if step == 20 else ""} for step in (5, 10, 15, 20, 25)]
+    table = pictures.margin_by_window(write_metrics(tmp_path / "run", rows), every=10)
+    assert table == [{"step": 10, "d_real - d_fake": pytest.approx(1.75)},
+                     {"step": 20, "d_real - d_fake": pytest.approx(2.75), "inception_fid": 50.0}]
+
+
 def test_running_mean_averages_the_window_before_each_value_and_skips_gaps():
     values = np.array([1.0, 3.0, math.nan, 5.0, 7.0])
     np.testing.assert_allclose(pictures.running_mean(values, 2), [1.0, 2.0, 3.0, 5.0, 6.0])
