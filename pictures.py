@@ -8,7 +8,7 @@ import csv
 import io
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,15 +264,19 @@ def margin_by_window(run_dir: str | Path, every: int) -> list[dict[str, float]]:
     evaluation columns logged at that step (what the README's curve tables quote)."""
     metrics = read_metrics(run_dir)
     steps, margin = metrics["step"], metrics["d_real"] - metrics["d_fake"]
-    evaluations = [name for name in metrics if name not in TRAINING_COLUMNS and not name.startswith("gamma_")]
     rows = []
     for end in range(every, int(steps.max()) + 1, every):
-        window = (steps > end - every) & (steps <= end)
-        at_end = {name: metrics[name][steps == end] for name in evaluations}
+        window, at_end = (steps > end - every) & (steps <= end), steps == end
+        logged = {name: metrics[name][at_end] for name in evaluation_columns(metrics)}
         rows.append({"step": end, D_MARGIN: float(np.nanmean(margin[window]))}
-                    | {name: float(values[np.isfinite(values)][-1]) for name, values in at_end.items()
+                    | {name: float(values[np.isfinite(values)][-1]) for name, values in logged.items()
                        if np.isfinite(values).any()})
     return rows
+
+
+def evaluation_columns(names: Iterable[str]) -> list[str]:
+    """The columns of metrics.csv (or derived from it) that an evaluation wrote: neither training nor gammas."""
+    return [name for name in names if name not in (*TRAINING_COLUMNS, D_MARGIN) and not name.startswith("gamma_")]
 
 
 def running_mean(values: np.ndarray, window: int) -> np.ndarray:
@@ -348,10 +352,9 @@ def _curve_panels(all_metrics) -> list[tuple[str, list[str]]]:
     """(title, columns) of each panel that has data in at least one run."""
     names = list(dict.fromkeys(name for run_metrics in all_metrics for name in run_metrics))
     gammas = [name for name in names if name.startswith("gamma_")]
-    evaluations = [name for name in names if name not in (*TRAINING_COLUMNS, D_MARGIN) and name not in gammas]
     panels = [("Losses", ["d_loss", "g_loss"]), ("Mean D output (logits)", ["d_real", "d_fake"]),
               (f"D's margin, real - fake (mean of {MARGIN_WINDOW} rows)", [D_MARGIN]),
-              ("Attention gamma (0 = attention off)", gammas)] + [(name, [name]) for name in evaluations]
+              ("Attention gamma (0 = attention off)", gammas)] + [(name, [name]) for name in evaluation_columns(names)]
     return [(title, columns) for title, columns in panels
             if any(np.isfinite(m[c]).any() for m in all_metrics for c in columns if c in m)]
 
