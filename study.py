@@ -1,11 +1,11 @@
 """Experiments: recipes x arms x seeds, each trained for a budget, scored along the way and at milestones, and
 summarised over seeds (median and range).
 
-    python study.py --recipes default reuse-fakes --arms sagan baseline --seeds 0 1 2 --minutes 30 --jobs 2
+    python study.py --recipes default stage-1 --arms sagan baseline --seeds 0 1 2 --minutes 30 --jobs 2
     python study.py --dataset celeba --arms baseline sagan --seeds 0 --steps 5000 --eval-every 250 --jobs 2
     python study.py --summarise runs/study        # tables and plots of whatever the folder holds
 
-A recipe is config.py's: 'default', 'original', or changes joined by '+' ('reuse-fakes+betas-0.5'). Each run is a
+A recipe is config.py's: 'default', 'original', or changes joined by '+' ('stage-1+betas-0.5'). Each run is a
 real training run (train.train on a TrainConfig) in a fresh process with --threads threads, --jobs of them side by
 side, stopped after --minutes of training by the run's clock (evaluation not counted; 'cpu', each run's own CPU
 time, is fair to runs that share a machine) or after --steps. Along the way it scores FID (MNIST: the classifier's,
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from config import (ARMS, RECIPES, WHOLE_RECIPES, ConfigError, TrainConfig, add_flags, field_overrides, recipe_settings,
-                    resumed_config)
+from config import (ARMS, RECIPES, WHOLE_RECIPES, ConfigError, TrainConfig, add_flags, check_resumable, field_overrides,
+                    recipe_settings, resumed_config)
 from evaluate import headline_fid
 
 ROOT = Path(__file__).resolve().parent
@@ -104,12 +104,22 @@ class Plan:
         return {"pause_minutes": leg} if self.unit == "minutes" else {"pause_step": int(leg)}
 
     def config(self, run: Run) -> TrainConfig:
-        """A run's config: a new run from the recipe, or the run's config.json with the plan's budget."""
+        """A run's config: a new run from the recipe, or the run's config.json with the plan's budget, refused if the
+        folder's run did not train as its recipe's name means now (a default that changed since, say)."""
         settings = self.run_settings() | {"out": str(run.folder)}
-        if (run.folder / "checkpoints" / "latest.pt").exists():
-            return resumed_config(json.loads((run.folder / "config.json").read_text()), **settings)
-        return TrainConfig.from_recipe(run.recipe, **{"dataset": self.dataset, "seed": run.seed,
-                                                      "attn": ARMS[run.arm].attn, **self.overrides, **settings})
+        recipe = TrainConfig.from_recipe(run.recipe, **{"dataset": self.dataset, "seed": run.seed,
+                                                        "attn": ARMS[run.arm].attn, **self.overrides, **settings})
+        if not (run.folder / "checkpoints" / "latest.pt").exists():
+            return recipe
+        saved = json.loads((run.folder / "config.json").read_text())
+        try:
+            check_resumable(saved, recipe)
+        except ConfigError as error:
+            raise ConfigError(f"{run.folder} did not train as recipe {run.recipe!r} means today, so it cannot continue "
+                              f"or be published under that name; move it to the folder of the recipe it trained with "
+                              f"(runs trained with the default before the recipe study's stage 2 are 'stage-1').\n"
+                              f"{error}") from None
+        return resumed_config(saved, **settings)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -161,6 +171,8 @@ def run_all(runs: list[Run], plan: Plan, jobs: int) -> None:
     """Every run, `jobs` at a time, each leg in a fresh process whose OpenMP uses plan.threads threads. Legs go in
     rounds (every run to the first pause, then every run to the next), so that runs waiting for a job and a study
     stopped part way have advanced together. Legs a run's record has done start no process."""
+    for run in runs:  # before any work: a folder that trained as another recipe stops the study here, named
+        plan.config(run)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(plan.threads)  # read when a worker starts
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
@@ -377,8 +389,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
     parser.add_argument("--ema", nargs=2, type=float, metavar=("DECAY", "START"),
                         help="keep an EMA of G with this decay from this step in every run, whatever the recipe "
                              "(it never changes training, so G and its EMA are a paired comparison)")
-    parser.add_argument("--ema-rampup", type=float, default=0.0,
-                        help="with --ema: cap the EMA's half-life at this fraction of the steps so far (stylegan2-ada: 0.05)")
+    parser.add_argument("--ema-rampup", type=float,
+                        help="with --ema: cap the EMA's half-life at this fraction of the images so far (stylegan2-ada: "
+                             "0.05; default: the recipe's)")
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                         help="train.py flags for every run (must come last), e.g. --train-args --sample-every 50")
     parser.add_argument("--data-root", help="default: $SAGAN_DATA, else ./data")
@@ -387,7 +400,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
     args = parser.parse_args(argv)
     overrides = train_overrides(args.train_args)
     if args.ema:
-        overrides |= dict(ema_decay=args.ema[0], ema_start=int(args.ema[1]), ema_rampup=args.ema_rampup)
+        overrides |= dict(ema_decay=args.ema[0], ema_start=int(args.ema[1]))
+    if args.ema_rampup is not None:
+        overrides["ema_rampup"] = args.ema_rampup
     by_steps = args.steps is not None
     plan = Plan(dataset=args.dataset, data_root=args.data_root and str(Path(args.data_root).resolve()),
                 unit="steps" if by_steps else "minutes", budget=args.steps if by_steps else (args.minutes or 10.0),

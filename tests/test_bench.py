@@ -27,17 +27,17 @@ def test_training_benchmark_prints_one_json_line_with_positive_numbers():
     for key in ("train_img_per_s", "sample_img_per_s", "peak_rss_mb"):
         assert result[key] > 0, key
     assert (result["model"], result["batch_size"], result["threads"], result["attn"]) == (28, 8, 1, True)
-    assert (result["channels_last"], result["reuse_fakes"]) == (True, False)  # TrainConfig's defaults on the CPU
+    assert (result["channels_last"], result["reuse_fakes"]) == (True, True)  # TrainConfig's defaults on the CPU
 
 
 @pytest.mark.slow
 def test_experiment_flags_reach_the_training_config():
     result = json.loads(_run("--model", "28", "--steps", "1", "--warmup", "0", "--batch-size", "4", "--threads", "1",
-                             "--sample-batch", "4", "--sample-reps", "1", "--no-channels-last", "--reuse-fakes", "--json"))
-    assert (result["channels_last"], result["reuse_fakes"]) == (False, True)
+                             "--sample-batch", "4", "--sample-reps", "1", "--no-channels-last", "--no-reuse-fakes", "--json"))
+    assert (result["channels_last"], result["reuse_fakes"]) == (False, False)
     config = bench.training_state(bench.parse_args(["--vs-reference", "--model", "28", "--batch-size", "4",
-                                                    "--reuse-fakes", "--no-channels-last"])).config
-    assert (config.channels_last, config.reuse_fakes) == (False, True)
+                                                    "--no-reuse-fakes", "--no-channels-last"])).config
+    assert (config.channels_last, config.reuse_fakes) == (False, False)
 
 
 @pytest.mark.slow

@@ -30,11 +30,17 @@ def test_the_original_preset_is_the_original_projects_recipe():
     overrides, extras = train.parse_args(["--preset", "original", "--g-lr", "3e-4"])
     config = train.config_from_args(overrides, extras)
     assert config.g_lr == 3e-4 and config.d_lr == 4e-4 and config.beta2 == 0.9
-    # the default recipe is the original one with equal learning rates, nothing else
-    default = TrainConfig()
-    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(default, f.name) != getattr(original, f.name)}
     # conditioning: the original project had no conditional model; 'original' keeps the per-class tables of old runs
-    assert changed == {"g_lr", "d_lr", "conditioning"} and default.g_lr == default.d_lr == 2e-4
+    def changed(recipe: str) -> dict:
+        config = TrainConfig.from_recipe(recipe)
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)
+                if getattr(config, f.name) != getattr(original, f.name) and f.name != "conditioning"}
+
+    # the default recipe is the original one with the recipe study's winner: equal rates 4e-4, G's update on
+    # D's fakes, an EMA of G (which training never reads); 'stage-1' is the default before it, equal rates 2e-4 only
+    assert changed("default") == dict(g_lr=4e-4, reuse_fakes=True, ema_decay=0.999, ema_rampup=0.05)
+    assert TrainConfig().d_lr == original.d_lr == 4e-4  # G's rate rises to D's
+    assert changed("stage-1") == dict(g_lr=2e-4, d_lr=2e-4)
 
 
 def test_an_old_run_resumes_with_the_settings_it_trained_with(tmp_path):
@@ -70,12 +76,13 @@ def test_nonsensical_config_values_are_refused_naming_the_field(field, value):
         TrainConfig(**{field: value})
 
 
-def test_resume_reads_a_field_missing_from_an_older_run_as_its_default(tmp_path):
+def test_resume_reads_a_field_missing_from_an_older_run_as_the_run_trained(tmp_path):
+    """reuse_fakes is on by default today; a run from before the field existed trained without it."""
     config = TrainConfig(**TINY, out=str(tmp_path / "run"))
     older_run = {k: v for k, v in dataclasses.asdict(config).items() if k != "reuse_fakes"}
-    check_resumable(older_run, config)
+    check_resumable(older_run, dataclasses.replace(config, reuse_fakes=False))
     with pytest.raises(ConfigError, match="reuse_fakes: run has False, asked for True"):
-        check_resumable(older_run, dataclasses.replace(config, reuse_fakes=True))
+        check_resumable(older_run, config)
 
 
 def test_recipe_names_combine_changes_and_refuse_unknown_or_misplaced_ones():

@@ -31,7 +31,7 @@ rank = int(os.environ["RANK"])
 # Rank 1 is pointed at a folder of its own: had it written anything, that folder would exist.
 out = {str(out)!r} if rank == 0 else {str(out)!r} + "_rank1"
 config = train.TrainConfig(dataset="synthetic", image_size=28, synthetic_size=64, conv_dim=16, batch_size=4, steps=4,
-                           sample_every=2, log_every=1, checkpoint_every=2, quiet=True, ema_decay=0.5, device="cpu", out=out)
+                           sample_every=2, log_every=1, checkpoint_every=2, quiet=True, ema_decay=0.5, ema_rampup=0.0, device="cpu", out=out)
 train.train(config)
 """)
     result = _torchrun(2, str(script))

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 import evaluate
+import results
+import study
 from checkpoint import load_generator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +53,7 @@ def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_pa
         assert published["model_kwargs"]["attn"] is attn and published["model_file"] == "model_28.py"
         assert all(t.dtype == torch.float16 for t in published["G"].values() if t.is_floating_point())
         G, info = load_generator(weights / name)
-        assert info["ema"] is False  # the default recipe keeps no EMA
+        assert info["ema"] is True  # the default recipe keeps an EMA of G, and samples come from it
         assert G.num_classes == classes
         score = published["score"]
         assert score["metric"] == "classifier_fid" and score["n"] == n and score["protocol"]["n_images"] == n
@@ -65,3 +67,38 @@ def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_pa
         else:
             rescored = evaluate.evaluate(weights / name, n, data_root=data_root)
         assert round(rescored["classifier_fid"], 2) == score["value"]
+
+
+def _milestone(fid: float, ema_fid: float | None) -> dict:
+    return {"fid": fid, "ema_fid": ema_fid, "step": 100}
+
+
+def test_the_median_seed_is_chosen_by_the_fid_of_the_generator_a_file_publishes():
+    runs = [{"config": {"seed": seed}, "record": {"milestones": {"30": _milestone(fid, ema)}}}
+            for seed, fid, ema in ((0, 10.0, 90.0), (1, 20.0, 50.0), (2, 30.0, 10.0))]
+    assert results.median_seed(runs, "30") == 1  # EMA FIDs 90, 50, 10
+    runs[1]["record"]["milestones"]["30"]["ema_fid"] = 95.0
+    assert results.median_seed(runs, "30") == 0  # EMA FIDs 90, 95, 10 (the trained G's 10, 20, 30 would pick seed 1)
+    for run in runs:
+        run["record"]["milestones"]["30"]["ema_fid"] = None
+    assert results.median_seed(runs, "30") == 1  # no EMA kept: the trained G's 10, 20, 30
+
+
+def test_the_results_table_shows_the_ema_beside_the_trained_g_where_runs_kept_one():
+    def group(fid: float, ema_fid: float | None, accuracy: float | None, ema_accuracy: float | None) -> dict:
+        one = lambda value: study.spread([value])
+        return {"seeds": [0], "milestones": {"30": {"fid": one(fid), "ema_fid": one(ema_fid), "step": one(100),
+                                                     "accuracy": one(accuracy), "ema_accuracy": one(ema_accuracy)}}}
+
+    floor = {"classifier_fid": 3.7, "protocol": {"dataset": "mnist"}}
+    summary = {"groups": {"default/sagan": group(40.0, 20.0, None, None),
+                          "default+conditional/sagan": group(30.0, 15.0, 0.9, 0.99)}}
+    labels = {"default/sagan": "SAGAN", "default+conditional/sagan": "SAGAN, class-conditional"}
+    lines = results.results_table(summary, labels, floor, ["30"], "minutes", with_accuracy=True)
+    assert lines[0] == ("| model | seeds | steps at 30 min | classifier FID at 30 min | classifier FID, EMA at 30 min "
+                        "| requested digit read back |")
+    assert lines[2] == "| SAGAN | 1 | 100 (100-100) | 40.0 (40.0-40.0) | 20.0 (20.0-20.0) | - |"
+    assert lines[3].endswith("| 15.0 (15.0-15.0) | 99.0% (99.0%-99.0%) |")  # the accuracy of the EMA, as published
+    assert lines[4] == "| real vs real (floor) |  |  | 3.70 | 3.70 |  |"
+    summary = {"groups": {"default/sagan": group(40.0, None, None, None)}}
+    assert "EMA" not in results.results_table(summary, {"default/sagan": "SAGAN"}, floor, ["30"], "minutes", False)[0]

@@ -1,11 +1,14 @@
 """study.py: recipes and plans, spreads over seeds, evaluation ticks every seed reached, milestones, and the plots."""
+import dataclasses
 import json
 
+import pytest
 from matplotlib.colors import to_hex
 from PIL import Image
 
 import pictures
 import study
+from config import ConfigError
 
 
 def _run(seed: int, fids: list[float], ema: bool = False, milestone_fid: float | None = None) -> dict:
@@ -78,25 +81,41 @@ def test_a_plan_builds_each_runs_config_from_its_recipe_and_arm_and_resumes_with
     plan = study.Plan(dataset="mnist-5k", unit="minutes", budget=30, milestones=(10,), eval_period=1.0, eval_n=500,
                       threads=1, overrides={"sample_every": 50})
     assert plan.legs() == [10, 30] and plan.pause(10) == {"pause_minutes": 10}
-    run = study.Run("reuse-fakes+betas-0.5", "baseline", 2, tmp_path)
+    run = study.Run("stage-1+betas-0.5", "baseline", 2, tmp_path)
     config = plan.config(run)
-    assert (config.reuse_fakes, config.beta1, config.beta2, config.attn, config.seed) == (True, 0.5, 0.999, False, 2)
+    assert (config.batch_size, config.reuse_fakes, config.beta1, config.beta2, config.attn, config.seed) == (
+        64, False, 0.5, 0.999, False, 2)
     # every leg has the whole budget (a leg pauses before it), so a schedule over the budget is the same in legs
     assert (config.minutes, config.clock, config.eval_minutes, config.sample_every) == (30, "cpu", 1.0, 50)
-    assert config.out == str(tmp_path / "reuse-fakes+betas-0.5" / "baseline-seed2")
+    assert config.out == str(tmp_path / "stage-1+betas-0.5" / "baseline-seed2")
     # once the run has a checkpoint, a later leg resumes its config.json with the new budget only
     run.folder.mkdir(parents=True)
     (run.folder / "checkpoints").mkdir()
     (run.folder / "checkpoints" / "latest.pt").write_bytes(b"")
-    saved = json.loads(json.dumps(__import__("dataclasses").asdict(config)))
+    saved = json.loads(json.dumps(dataclasses.asdict(config)))
     (run.folder / "config.json").write_text(json.dumps(saved | {"sample_every": 7}))
     later = plan.config(run)
-    assert later.minutes == 30 and later.sample_every == 7 and later.reuse_fakes is True
+    assert later.minutes == 30 and later.sample_every == 7 and (later.batch_size, later.reuse_fakes) == (64, False)
     by_steps = study.Plan(unit="steps", budget=5000, milestones=(1000,), eval_period=500)
     assert by_steps.pause(1000) == {"pause_step": 1000}
     taking_turns = study.Plan(unit="steps", budget=2200, milestones=(1000,), pause_every=500)
     assert taking_turns.legs() == [500, 1000, 1500, 2000, 2200]
     assert by_steps.run_settings()["steps"] == 5000 and by_steps.run_settings()["eval_every"] == 500
+
+
+def test_a_folder_that_trained_as_another_recipe_is_refused_by_name_before_any_work(tmp_path):
+    """A run of the old default (today's stage-1) in default/ must not continue, or be published, as the default."""
+    plan = study.Plan(unit="minutes", budget=10, eval_period=1.0, threads=1)
+    trained = dataclasses.asdict(plan.config(study.Run("stage-1", "sagan", 0, tmp_path)))
+    misplaced = study.Run("default", "sagan", 0, tmp_path)
+    (misplaced.folder / "checkpoints").mkdir(parents=True)
+    (misplaced.folder / "checkpoints" / "latest.pt").write_bytes(b"")
+    (misplaced.folder / "config.json").write_text(json.dumps(trained))
+    with pytest.raises(ConfigError, match=r"default/sagan-seed0 did not train as recipe 'default'(.|\n)*'stage-1'"
+                                          r"(.|\n)*g_lr: run has 0.0002, asked for 0.0004"):
+        study.run_all([misplaced], plan, jobs=1)
+    assert study.read_record(misplaced.record_path) == {"legs": {}, "milestones": {}}, "nothing ran"
+    assert plan.config(study.Run("stage-1", "sagan", 0, tmp_path)).g_lr == 2e-4  # a new run of the right name
 
 
 def test_fid_at_equal_steps_takes_each_runs_last_evaluation_at_or_before_the_step():

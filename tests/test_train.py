@@ -24,8 +24,9 @@ from utils import Stopwatch
 ROOT = Path(__file__).resolve().parent.parent
 
 # Small and quick: the 28x28 model at a quarter of its width on the synthetic set.
+# ema_rampup 0: the default ramp (0.05 of the images seen) would make a few steps' EMA a copy of G
 TINY = dict(dataset="synthetic", image_size=28, synthetic_size=64, conv_dim=16, batch_size=8, steps=6,
-            sample_every=3, log_every=1, checkpoint_every=3, quiet=True, device="cpu")
+            sample_every=3, log_every=1, checkpoint_every=3, quiet=True, device="cpu", ema_rampup=0.0)
 
 
 def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
@@ -136,13 +137,16 @@ def test_reuse_fakes_with_several_d_steps_and_a_gradient_penalty(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
-    overrides = dict(ema_decay=0.9, steps=6)
+@pytest.mark.parametrize("recipe", [dict(ema_decay=0.9), dict(reuse_fakes=False, ema_decay=0.0)],
+                         ids=["default", "stage-1: fresh fakes, no EMA"])
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, recipe):
+    overrides = dict(**recipe, steps=6)
     straight = load_checkpoint(train.train(tiny(tmp_path, "straight", **overrides)))
     first_half = train.train(tiny(tmp_path, "resumed", **{**overrides, "steps": 3}))
     resumed = load_checkpoint(train.train(tiny(tmp_path, "resumed", **overrides), resume=True))
     assert resumed["step"] == straight["step"] == 6
-    for key in ("G", "D", "G_ema"):
+    assert (resumed["G_ema"] is None) == (recipe["ema_decay"] == 0)
+    for key in ("G", "D", "G_ema") if recipe["ema_decay"] else ("G", "D"):
         for name, tensor in straight[key].items():
             assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
     for key in ("opt_G", "opt_D"):
@@ -231,7 +235,7 @@ def test_cli_writes_the_whole_run_directory(tmp_path):
     out = tmp_path / "cli"
     result = _cli("--dataset", "synthetic", "--image-size", "28", "--steps", "4", "--batch-size", "8",
                   "--conv-dim", "16", "--sample-every", "2", "--checkpoint-every", "2", "--log-every", "1",
-                  "--ema-decay", "0.9", "--d-lr", "3e-4", "--no-attn", "--quiet", "--out", str(out))
+                  "--ema-decay", "0.9", "--ema-rampup", "0", "--d-lr", "3e-4", "--no-attn", "--quiet", "--out", str(out))
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["d_lr"] == 3e-4 and config["attn"] is False and config["steps"] == 4
@@ -411,7 +415,7 @@ def test_a_run_killed_at_random_moments_ends_bitwise_equal_to_an_uninterrupted_o
     machine's speed), one of them while latest.pt is being written; each time the run resumes."""
     flags = ["--dataset", "synthetic", "--image-size", "28", "--synthetic-size", "64", "--conv-dim", "16",
              "--batch-size", "8", "--steps", "120", "--log-every", "1", "--sample-every", "25", "--checkpoint-every",
-             "1000", "--checkpoint-minutes", "0.03", "--ema-decay", "0.9", "--threads", "1", "--quiet"]
+             "1000", "--checkpoint-minutes", "0.03", "--ema-decay", "0.9", "--ema-rampup", "0", "--threads", "1", "--quiet"]
     straight = _cli(*flags, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
 
@@ -467,8 +471,9 @@ def test_a_conditional_run_resumes_bitwise_and_lays_its_grid_out_one_row_per_cla
 
 
 def test_the_conditional_step_feeds_D_the_real_labels_and_G_the_drawn_ones(tmp_path):
-    state = build_state(tiny(tmp_path, dataset="mnist-5k", conditional=True, num_classes=10),
-                              train.data.load_dataset("mnist-5k", image_size=28, channels=1), torch.device("cpu"))
+    # without reuse_fakes, the G update draws fakes (and labels) of its own; with it, G's labels are D's fakes' labels
+    state = build_state(tiny(tmp_path, dataset="mnist-5k", conditional=True, num_classes=10, reuse_fakes=False),
+                        train.data.load_dataset("mnist-5k", image_size=28, channels=1), torch.device("cpu"))
     seen = []
     state.D.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
     expected_real = train.data.EndlessLoader(state.loader.dataset, 8, seed=0, labels=True)
@@ -499,7 +504,7 @@ def test_a_bf16_step_trains_G_and_D_with_finite_losses(tmp_path):
 
 @pytest.mark.parametrize("step, expected", [(1, 0.0), (4, 0.0), (5, 0.5 ** (1 / 0.5)), (40, 0.5 ** (1 / 4)), (10_000, 0.99)])
 def test_the_ema_ramp_caps_the_half_life_at_a_fraction_of_the_steps_so_far(step, expected):
-    config = TrainConfig(**TINY, ema_decay=0.99, ema_start=5, ema_rampup=0.1)
+    config = TrainConfig(**{**TINY, "ema_decay": 0.99, "ema_start": 5, "ema_rampup": 0.1})
     assert train.ema_decay_at(config, step) == pytest.approx(expected)
     # the half-life of the decay, in steps, is 0.1 x step while the ramp caps it
     if 5 <= step <= 40:
@@ -534,7 +539,8 @@ def test_a_run_paused_and_resumed_decays_its_learning_rates_as_one_that_ran_thro
     a, b = load_checkpoint(straight), load_checkpoint(paused)
     assert a["step"] == b["step"] == 6
     assert all(torch.equal(v, b["G"][k]) for k, v in a["G"].items())
-    assert a["opt_G"]["param_groups"][0]["lr"] == b["opt_G"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 2 / 6)
+    lr = TrainConfig().g_lr * 2 / 6  # two of the six steps left, the last half decaying
+    assert a["opt_G"]["param_groups"][0]["lr"] == b["opt_G"]["param_groups"][0]["lr"] == pytest.approx(lr)
 
 
 def test_a_run_with_lr_decay_refuses_a_new_budget_on_resume(tmp_path):
