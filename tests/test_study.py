@@ -116,6 +116,13 @@ def test_a_folder_that_trained_as_another_recipe_is_refused_by_name_before_any_w
         study.run_all([misplaced], plan, jobs=1)
     assert study.read_record(misplaced.record_path) == {"legs": {}, "milestones": {}}, "nothing ran"
     assert plan.config(study.Run("stage-1", "sagan", 0, tmp_path)).g_lr == 2e-4  # a new run of the right name
+    # a conditional run wrote down its dataset's class count (the recipe's 0 means 'as many as the dataset has')
+    conditional = study.Run("default+conditional", "sagan", 0, tmp_path)
+    started = dataclasses.asdict(plan.config(conditional)) | {"num_classes": 10}
+    (conditional.folder / "checkpoints").mkdir(parents=True)
+    (conditional.folder / "checkpoints" / "latest.pt").write_bytes(b"")
+    (conditional.folder / "config.json").write_text(json.dumps(started))
+    assert plan.config(conditional).num_classes == 10
 
 
 def test_fid_at_equal_steps_takes_each_runs_last_evaluation_at_or_before_the_step():
