@@ -259,6 +259,8 @@ def check_resumable(saved: dict, config: TrainConfig) -> None:
     """Refuse to resume with settings that would make a different run."""
     wanted = dataclasses.asdict(config)
     saved = dataclasses.asdict(TrainConfig(**complete_config(saved)))  # as the run trained, lists read as tuples
+    if wanted["num_classes"] == 0:  # 'as many as the dataset has': the count the run wrote down when it started
+        wanted["num_classes"] = saved["num_classes"]
     clashes = [f"{name}: run has {saved[name]!r}, asked for {wanted[name]!r}"
                for name in wanted if name not in RESUMABLE_OVERRIDES and saved[name] != wanted[name]]
     if saved["lr_decay"] and (saved["steps"], saved["minutes"]) != (wanted["steps"], wanted["minutes"]):

@@ -64,15 +64,16 @@ def published_entry(path: Path, seed: int, score: dict) -> dict:
     return {"path": path.as_posix(), "seed": seed, "step": score["protocol"]["step"], "score": score}
 
 
-def published_fid(milestone: dict) -> float:
-    """A milestone's FID of the G a weights file publishes: its EMA where the run kept one, else the trained G."""
-    return milestone["fid"] if milestone.get("ema_fid") is None else milestone["ema_fid"]
+def published(milestone: dict, name: str):
+    """A milestone's score `name` ('fid', 'accuracy') of the G a weights file publishes: its EMA's where the run kept
+    one, else the trained G's."""
+    return milestone[name] if milestone.get(f"ema_{name}") is None else milestone[f"ema_{name}"]
 
 
 def median_seed(runs: list[dict], milestone: str) -> int:
     """The seed whose published G (the EMA where kept) has the median FID at the milestone (the lower middle one
     for an even count)."""
-    ranked = sorted(runs, key=lambda run: published_fid(run["record"]["milestones"][milestone]))
+    ranked = sorted(runs, key=lambda run: published(run["record"]["milestones"][milestone], "fid"))
     return ranked[(len(ranked) - 1) // 2]["config"]["seed"]
 
 
@@ -113,8 +114,7 @@ def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones
         cells = [label, str(len(summary["groups"][name]["seeds"])), study.cell(group[milestones[-1]]["step"], 0),
                  *(study.cell(group[key][kind]) for kind, _ in kinds for key in milestones)]
         if with_accuracy:
-            last = group[milestones[-1]]
-            cells.append(study.cell(last["ema_accuracy"] or last["accuracy"], 1, True))
+            cells.append(study.cell(published(group[milestones[-1]], "accuracy"), 1, True))
         lines.append("| " + " | ".join(cells) + " |")
     floor_cells = ["real vs real (floor)", "", "", *(f"{floor[fid]:.2f}" for _ in kinds for _ in milestones)]
     lines.append("| " + " | ".join(floor_cells + ([""] if with_accuracy else [])) + " |")

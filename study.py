@@ -19,7 +19,6 @@ and arm the median, min and max over seeds at each evaluation, with the machine,
 """
 import argparse
 import csv
-import dataclasses
 import json
 import math
 import multiprocessing
@@ -113,8 +112,6 @@ class Plan:
         if not (run.folder / "checkpoints" / "latest.pt").exists():
             return recipe
         saved = json.loads((run.folder / "config.json").read_text())
-        if recipe.num_classes == 0:  # 'as many as the dataset has', which the run wrote down when it started
-            recipe = dataclasses.replace(recipe, num_classes=saved.get("num_classes", 0))
         try:
             check_resumable(saved, recipe)
         except ConfigError as error:
