@@ -118,7 +118,7 @@ def training_state(args: argparse.Namespace):
 def measure_training(args: argparse.Namespace) -> dict:
     """Images per second of train.train_step and of G.sample, as train.py runs them."""
     import train
-    from models import noise
+    from models import sample_inputs
     from utils import precision_name
 
     state = training_state(args)
@@ -126,9 +126,9 @@ def measure_training(args: argparse.Namespace) -> dict:
     warmup_s = sum(timed(lambda: train.train_step(state), args.warmup))
     steps = args.steps or DEFAULT_STEPS[args.model]
     step_times = timed(lambda: train.train_step(state), steps)
-    z = noise(args.sample_batch, state.config.z_dim, 0)
-    state.G.sample(z)  # warm-up
-    sample_times = timed(lambda: state.G.sample(z), args.sample_reps)
+    inputs = sample_inputs(state.G, args.sample_batch)
+    state.G.sample(*inputs)  # warm-up
+    sample_times = timed(lambda: state.G.sample(*inputs), args.sample_reps)
     result = {
         "machine": machine(args.threads), "model": args.model, "attn": args.attn, "batch_size": batch, "steps": steps,
         "threads": torch.get_num_threads(), "channels_last": state.memory_format == torch.channels_last,
@@ -314,13 +314,15 @@ def reference_sampling(args: argparse.Namespace, model: int) -> float:
 
 def vs_reference(args: argparse.Namespace) -> dict:
     """seedref and the project alternately, each measurement in a process of its own, `rounds` times; medians and ratios."""
+    from config import ARMS
+
     runs: dict[str, list[float]] = {}
     for round_index in range(args.rounds):
-        for model, attn in ((64, True), (64, False), (28, True)):
-            arm = f"{model}_{'sagan' if attn else 'baseline'}"
-            runs.setdefault(f"reference_train_{arm}", []).append(reference_training(args, model, attn))
+        for model, arm in ((64, "sagan"), (64, "baseline"), (28, "sagan")):
+            attn = ARMS[arm].attn
+            runs.setdefault(f"reference_train_{model}_{arm}", []).append(reference_training(args, model, attn))
             ours = in_fresh_process(measure_training, argparse.Namespace(**{**vars(args), "model": model, "attn": attn}))
-            runs.setdefault(f"ours_train_{arm}", []).append(ours["train_img_per_s"])
+            runs.setdefault(f"ours_train_{model}_{arm}", []).append(ours["train_img_per_s"])
             if attn:
                 runs.setdefault(f"ours_sample_{model}", []).append(ours["sample_img_per_s"])
                 runs.setdefault(f"reference_sample_{model}", []).append(in_fresh_process(reference_sampling, args, model))

@@ -211,16 +211,25 @@ def recipe_settings(recipe: str) -> dict:
     return settings
 
 
+def canonical_recipe(recipe: str) -> str:
+    """A recipe's one spelling, which names its folders: 'default+x' is 'x', as the default is every change's base."""
+    recipe_settings(recipe)
+    parts = recipe.split("+")
+    return "+".join(parts[1:]) if parts[0] == "default" and len(parts) > 1 else recipe
+
+
 @dataclass(frozen=True)
 class Arm:
     """One side of a comparison: the network with or without attention, and its name wherever a reader looks."""
 
     attn: bool
     label: str
+    weights: str  # the published generator's name: weights/<weights>_<dataset>.pt (the original project's names)
 
 
 # The two arms, in the order comparisons show them (the baseline left, SAGAN right). Run folders use the keys.
-ARMS = {"baseline": Arm(attn=False, label="baseline (no attention)"), "sagan": Arm(attn=True, label="SAGAN")}
+ARMS = {"baseline": Arm(attn=False, label="baseline (no attention)", weights="dcgan"),
+        "sagan": Arm(attn=True, label="SAGAN", weights="sagan")}
 
 
 # Folder names of the arms in comparisons made before the arms were named; such folders resume under their old name.

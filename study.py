@@ -18,7 +18,6 @@ Layout: <out>/<recipe>/<arm>-seed<k>/ (a run directory), <arm>-seed<k>.json (its
 and arm the median, min and max over seeds at each evaluation, with the machine, precision and CPU share.
 """
 import argparse
-import csv
 import json
 import math
 import multiprocessing
@@ -34,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from config import (ARMS, RECIPES, WHOLE_RECIPES, ConfigError, TrainConfig, add_flags, check_resumable, field_overrides,
-                    recipe_settings, resumed_config)
+from checkpoint import checkpoint_files, load_checkpoint, read_config
+from config import (ARMS, RECIPES, WHOLE_RECIPES, ConfigError, TrainConfig, add_flags, canonical_recipe, check_resumable,
+                    field_overrides, resumed_config)
 from evaluate import headline_fid
 
 ROOT = Path(__file__).resolve().parent
@@ -49,6 +49,10 @@ class Run:
     arm: str
     seed: int
     out: Path
+
+    def __post_init__(self):
+        # 'default+conditional' trains, and resumes, in conditional/
+        object.__setattr__(self, "recipe", canonical_recipe(self.recipe))
 
     @property
     def folder(self) -> Path:
@@ -109,9 +113,9 @@ class Plan:
         settings = self.run_settings() | {"out": str(run.folder)}
         recipe = TrainConfig.from_recipe(run.recipe, **{"dataset": self.dataset, "seed": run.seed,
                                                         "attn": ARMS[run.arm].attn, **self.overrides, **settings})
-        if not (run.folder / "checkpoints" / "latest.pt").exists():
+        if not checkpoint_files(run.folder):
             return recipe
-        saved = json.loads((run.folder / "config.json").read_text())
+        saved = read_config(run.folder)
         try:
             check_resumable(saved, recipe)
         except ConfigError as error:
@@ -129,7 +133,6 @@ def execute(run: Run, plan: Plan, until: float) -> None:
     a process of its own, with everything it prints going to the run's log."""
     import evaluate
     import train
-    from checkpoint import load_checkpoint
 
     run.folder.parent.mkdir(parents=True, exist_ok=True)
     with open(run.log_path, "a") as log:
@@ -201,19 +204,22 @@ def read_record(path: Path) -> dict:
 
 
 def read_run(folder: Path) -> dict:
-    """A study run's evaluations along the way (minutes, images, step, FIDs), its record, config and sessions."""
-    from rundir import read_sessions
+    """A run's evaluations along the way (minutes, images, step, FIDs) from its metrics.csv, its record (none outside
+    a study), config and sessions."""
+    from rundir import read_metrics, read_sessions
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     metric = headline_fid(config["dataset"])
-    with open(folder / "metrics.csv", newline="") as f:
-        rows = [row for row in csv.DictReader(f) if row.get(metric)]
-    clock = f"{config['clock']}_time"
-    number = lambda row, column: float(row[column]) if row.get(column) else None  # noqa: E731
-    evaluations = [{"minutes": float(row[clock]) / 60, "images": int(row["step"]) * config["batch_size"],
-                    "step": int(row["step"]), "fid": float(row[metric]), "ema_fid": number(row, f"ema_{metric}"),
-                    "accuracy": number(row, "requested_accuracy"), "ema_accuracy": number(row, "ema_requested_accuracy")}
-                   for row in rows]
+    columns = read_metrics(folder)
+    clock = columns[f"{config['clock']}_time"]
+
+    def value(name: str, row: int) -> float | None:
+        return float(columns[name][row]) if name in columns and math.isfinite(columns[name][row]) else None
+
+    evaluations = [{"minutes": float(clock[row]) / 60, "images": int(columns["step"][row]) * config["batch_size"],
+                    "step": int(columns["step"][row]), "fid": value(metric, row), "ema_fid": value(f"ema_{metric}", row),
+                    "accuracy": value("requested_accuracy", row), "ema_accuracy": value("ema_requested_accuracy", row)}
+                   for row in range(len(columns["step"])) if value(metric, row) is not None]
     record = read_record(record_path(folder))
     return {"config": config, "evaluations": evaluations, "record": record, "sessions": read_sessions(folder)}
 
@@ -246,7 +252,7 @@ def summarise_group(runs: list[dict], period: float, unit: str = "minutes") -> d
         points = [run["record"]["milestones"].get(key) for run in runs]
         if all(points):
             milestones[key] = {name: spread([p.get(name) for p in points])
-                               for name in ("fid", "ema_fid", "accuracy", "ema_accuracy", "step")}
+                               for name in ("fid", "ema_fid", "accuracy", "ema_accuracy", "step", "wall_time", "cpu_time")}
     legs = [leg for run in runs for leg in run["record"]["legs"].values()]
     cpu_share = spread([leg["cpu_s"] / leg["wall_s"] for leg in legs if leg["wall_s"] > 0])
     throughput = spread([run["evaluations"][-1]["images"] / (60 * run["evaluations"][-1]["minutes"])
@@ -268,16 +274,21 @@ def study_groups(out: Path) -> dict[str, list[Path]]:
     return groups
 
 
+def summarise_runs(groups: dict[str, list[Path]], period: float = 1.0, unit: str = "minutes") -> dict:
+    """The summary pictures.plot_fid draws of run folders grouped by '<recipe>/<arm>' (a study's, or any train.py
+    runs: a notebook's pair is two groups of one run): per group, the spread over its runs at each evaluation tick."""
+    first = read_config(next(iter(groups.values()))[0]) if groups else {"dataset": "mnist"}
+    return {"machine": machine(), "unit": unit, "period": period, "metric": headline_fid(first["dataset"]),
+            "groups": {name: summarise_group([read_run(folder) for folder in folders], period, unit)
+                       for name, folders in groups.items()}}
+
+
 def summarise(out: Path, period: float = 1.0, unit: str = "minutes") -> dict:
     """summary.json, summary.md and the FID plots of a study folder; returns the summary."""
     import pictures
 
     out = Path(out)
-    groups = study_groups(out)
-    first = json.loads((next(iter(groups.values()))[0] / "config.json").read_text()) if groups else {"dataset": "mnist"}
-    summary = {"machine": machine(), "unit": unit, "period": period, "metric": headline_fid(first["dataset"]),
-               "groups": {name: summarise_group([read_run(f) for f in folders], period, unit)
-                          for name, folders in groups.items()}}
+    summary = summarise_runs(study_groups(out), period, unit)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(markdown(summary))
     for axis, name in (("minutes", "fid_vs_minutes.png"), ("images", "fid_vs_images.png")):
@@ -347,12 +358,11 @@ def machine() -> dict:
 # ---------------------------------------------------------------------------------------------- CLI
 
 def recipe_name(recipe: str) -> str:
-    """argparse type: a recipe name, checked."""
+    """argparse type: a recipe name, checked, in its one spelling (canonical_recipe)."""
     try:
-        recipe_settings(recipe)
+        return canonical_recipe(recipe)
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    return recipe
 
 
 def train_overrides(flags: list[str]) -> dict:

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -289,7 +288,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
                     on_sample(state.step, grid)
             if job.is_main and (last or stopping or due(state.step, config.checkpoint_every, before,
                                                         state.training_seconds(), config.checkpoint_minutes)):
-                rundir.save_checkpoint(state, run_dir)
+                state.save(run_dir)
             if stopping:  # checkpointed above; raising tells callers (compare, notebooks) to stop too
                 raise KeyboardInterrupt(f"Stopped at step {state.step}; checkpoint saved. "
                                         f"Resume with: python train.py --resume {run_dir}")
@@ -346,7 +345,7 @@ def compare(config: TrainConfig, arms: tuple[str, ...] = tuple(ARMS), **kwargs) 
     Run directories: <out>/baseline and <out>/sagan. An arm that already has a checkpoint is resumed, so calling
     compare again continues the runs (with a higher `steps`, trains them longer). kwargs go to train().
     """
-    root = Path(config.out) if config.out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.dataset}-compare"
+    root = Path(config.out) if config.out else rundir.new_run_dir(config.dataset, "compare")
     runs = {}
     for arm in arms:
         out = arm_folder(root, arm)

@@ -93,6 +93,24 @@ def test_recipe_names_combine_changes_and_refuse_unknown_or_misplaced_ones():
     with pytest.raises(ConfigError, match="'original' is a whole recipe"):
         TrainConfig.from_recipe("reuse-fakes+original")
     assert study.train_overrides(["--sample-every", "50", "--no-attn"]) == {"sample_every": 50, "attn": False}
+    assert [config_module.canonical_recipe(name) for name in ("default", "default+conditional", "original+ema",
+                                                                "conditional+per-class")] == \
+        ["default", "conditional", "original+ema", "conditional+per-class"], "one spelling of each recipe"
+    with pytest.raises(ConfigError, match="unknown recipe 'fast'"):
+        config_module.canonical_recipe("default+fast")
+
+
+def test_a_comparison_made_before_the_arms_were_named_resumes_in_its_old_folders(tmp_path):
+    old = tmp_path / "old"
+    (old / "with_attention").mkdir(parents=True)
+    (old / "without_attention").mkdir()
+    (old / "with_attention" / "config.json").write_text("{}")
+    assert config_module.arm_folder(old, "sagan") == old / "with_attention"
+    assert config_module.arm_folder(old, "baseline") == old / "without_attention"
+    assert train.resumed_run(old) == old / "with_attention", "the arm whose settings --resume --compare reads"
+    assert config_module.arm_folder(tmp_path / "new", "sagan") == tmp_path / "new" / "sagan"
+    with pytest.raises(FileNotFoundError, match="holds no arm of a comparison"):
+        train.resumed_run(tmp_path / "new")
 
 
 def test_a_notebooks_parameters_become_a_config_and_an_unknown_name_is_refused_by_name():

@@ -139,10 +139,11 @@ def test_make_demo_runs_the_mnist_notebook_top_to_bottom_talking_and_keeps_it(da
 
 @pytest.mark.slow
 def test_mnist_notebook_offline_without_mnist_trains_and_scores_on_mnist_5k(tmp_path, monkeypatch):
-    """No MNIST on disk and no network (a proxy nobody listens on): the demo still ends with its table."""
+    """No MNIST on disk and no network (a proxy nobody listens on): the demo still ends with its table (and, with
+    eval_every, scores along the way against mnist-5k)."""
     for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(variable, "http://127.0.0.1:9")  # the kernel inherits the environment
-    notebook = execute(with_parameters("SAGAN_mnist.ipynb", **TINY, eval_n=64, data_root=str(tmp_path / "empty"),
+    notebook = execute(with_parameters("SAGAN_mnist.ipynb", **TINY, eval_n=64, eval_every=4, data_root=str(tmp_path / "empty"),
                                        out=str(tmp_path / "runs"), demo_dir=str(tmp_path / "demo")))
     printed = "".join(output.text for output in code_cell(notebook, "load_dataset_with_fallback(").outputs
                       if output.get("name") == "stdout")
@@ -150,6 +151,7 @@ def test_mnist_notebook_offline_without_mnist_trains_and_scores_on_mnist_5k(tmp_
     table = "".join(output.text for output in code_cell(notebook, "comparison_table(").outputs if output.get("name") == "stdout")
     assert "classifier fid" in table and table.count("reference: mnist-5k (MNIST's test set unavailable") == 1
     assert not (tmp_path / "runs" / "conditional").exists(), "conditional_steps = 0 by default: the pair only"
+    assert len(shown(notebook, "plot_curves(", "image/png")) == 2, "eval_every: the FID along the way drawn too"
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import data
 import model_28
 import model_64
 import pictures
+import study
 import train
 from attention import attention_layers
 from train import TrainConfig
@@ -173,17 +174,17 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> Path:
     return run_dir
 
 
-def test_curves_compare_runs_and_plot_evaluation_columns(tmp_path):
-    common = dict(d_loss=1.5, g_loss=0.5, d_real=0.2, d_fake=-0.2, img_per_s=100, wall_time=1)
-    baseline = write_metrics(tmp_path / "baseline", [{"step": s, **common} for s in (10, 20, 30)])
+def test_curves_compare_runs_and_fid_along_the_way_is_drawn_by_plot_fid_alone(tmp_path):
+    common = dict(d_loss=1.5, g_loss=0.5, d_real=0.2, d_fake=-0.2, img_per_s=100, wall_time=1, cpu_time=1)
+    baseline = write_metrics(tmp_path / "baseline", [{"step": s, **common, "classifier_fid": fid}
+                                                     for s, fid in ((10, ""), (20, 50.0), (30, ""))])
     sagan = write_metrics(tmp_path / "sagan",
-                          [{"step": s, **common, "gamma_G0": 0.01 * s, "gamma_D0": -0.01 * s, "fid_classifier": fid}
+                          [{"step": s, **common, "gamma_G0": 0.01 * s, "gamma_D0": -0.01 * s, "classifier_fid": fid}
                            for s, fid in ((10, ""), (20, 42.0), (30, ""))])
     figure = pictures.plot_curves({"baseline": baseline, "sagan": sagan}, tmp_path / "curves.png")
     panels = {axis.get_title(): axis for axis in figure.axes if axis.get_visible()}
     margin = f"D's margin, real - fake (mean of {pictures.MARGIN_WINDOW} rows)"
-    assert list(panels) == ["Losses", "Mean D output (logits)", margin, "Attention gamma (0 = attention off)",
-                            "fid_classifier"]
+    assert list(panels) == ["Losses", "Mean D output (logits)", margin, "Attention gamma (0 = attention off)"]
     assert len(panels["Losses"].lines) == 4  # d_loss and g_loss of both runs
     np.testing.assert_allclose([line.get_ydata() for line in panels[margin].lines], [[0.4, 0.4, 0.4]] * 2)
     assert [line.get_label() for line in panels["Attention gamma (0 = attention off)"].lines] == \
@@ -191,10 +192,16 @@ def test_curves_compare_runs_and_plot_evaluation_columns(tmp_path):
     colours = {line.get_label(): line.get_color() for line in panels["Losses"].lines}
     assert colours["SAGAN: d_loss"] == pictures.ARM_COLOURS["sagan"]
     assert colours["baseline (no attention): g_loss"] == pictures.ARM_COLOURS["baseline"]
-    (fid,) = panels["fid_classifier"].lines
-    assert list(fid.get_xdata()) == [20] and list(fid.get_ydata()) == [42.0]
     with Image.open(tmp_path / "curves.png") as image:
         image.verify()
+    # the FID a pair logged along the way: the one plotter, from the same metrics.csv, as for a study
+    for arm, run in (("baseline", baseline), ("sagan", sagan)):
+        (run / "config.json").write_text(json.dumps({"dataset": "mnist", "clock": "wall", "batch_size": 64,
+                                                     "seed": 0, "threads": 1, "attn": arm == "sagan"}))
+    summary = study.summarise_runs({"default/baseline": [baseline], "default/sagan": [sagan]}, unit="step")
+    lines = {line.get_label(): line for line in pictures.plot_fid(summary, "step").axes[0].get_lines()}
+    assert {label: (list(line.get_xdata()), list(line.get_ydata())) for label, line in lines.items()} == {
+        "baseline (no attention) (1 seed)": ([20], [50.0]), "SAGAN (1 seed)": ([20], [42.0])}
     renamed = baseline.rename(tmp_path / "my_run")
     labels = [line.get_label() for line in pictures.plot_curves([renamed]).axes[0].lines]
     assert labels == ["my run: d_loss", "my run: g_loss"]  # labelled by folder name

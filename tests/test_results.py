@@ -46,7 +46,7 @@ def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_pa
     assert max(r["legs"]["0.05"]["started"] for r in records) < min(r["legs"]["0.1"]["started"] for r in records)
 
     results = json.loads((demo / "results_mnist.json").read_text())
-    assert set(results["study"]["groups"]) == {"default/sagan", "default/baseline", "default+conditional/sagan"}
+    assert set(results["study"]["groups"]) == {"default/sagan", "default/baseline", "conditional/sagan"}
     for name, attn, classes in (("sagan_mnist.pt", True, 0), ("dcgan_mnist.pt", False, 0),
                                 ("sagan_mnist_conditional.pt", True, 10)):
         published = torch.load(weights / name, weights_only=True)
@@ -87,18 +87,23 @@ def test_the_median_seed_is_chosen_by_the_fid_of_the_generator_a_file_publishes(
 def test_the_results_table_shows_the_ema_beside_the_trained_g_where_runs_kept_one():
     def group(fid: float, ema_fid: float | None, accuracy: float | None, ema_accuracy: float | None) -> dict:
         one = lambda value: study.spread([value])
-        return {"seeds": [0], "milestones": {"30": {"fid": one(fid), "ema_fid": one(ema_fid), "step": one(100),
-                                                     "accuracy": one(accuracy), "ema_accuracy": one(ema_accuracy)}}}
+        return {"seeds": [0], "precision": ["fp32"],
+                "milestones": {"30": {"fid": one(fid), "ema_fid": one(ema_fid), "step": one(100), "accuracy": one(accuracy),
+                                      "ema_accuracy": one(ema_accuracy), "cpu_time": one(5400.0), "wall_time": one(9000.0)}}}
 
     floor = {"classifier_fid": 3.7, "protocol": {"dataset": "mnist"}}
     summary = {"groups": {"default/sagan": group(40.0, 20.0, None, None),
-                          "default+conditional/sagan": group(30.0, 15.0, 0.9, 0.99)}}
-    labels = {"default/sagan": "SAGAN", "default+conditional/sagan": "SAGAN, class-conditional"}
+                          "conditional/sagan": group(30.0, 15.0, 0.9, 0.99)}}
+    labels = {"default/sagan": "SAGAN", "conditional/sagan": "SAGAN, class-conditional"}
     lines = results.results_table(summary, labels, floor, ["30"], "minutes", with_accuracy=True)
-    assert lines[0] == ("| model | seeds | steps at 30 min | classifier FID at 30 min | classifier FID, EMA at 30 min "
-                        "| requested digit read back |")
-    assert lines[2] == "| SAGAN | 1 | 100 (100-100) | 40.0 (40.0-40.0) | 20.0 (20.0-20.0) | - |"
+    assert lines[0] == ("| model | seeds | steps at 30 min | precision | classifier FID at 30 min | classifier FID, EMA at "
+                        "30 min | requested digit read back |")
+    assert lines[2] == "| SAGAN | 1 | 100 (100-100) | fp32 | 40.0 (40.0-40.0) | 20.0 (20.0-20.0) | - |"
     assert lines[3].endswith("| 15.0 (15.0-15.0) | 99.0% (99.0%-99.0%) |")  # the accuracy of the EMA, as published
-    assert lines[4] == "| real vs real (floor) |  |  | 3.70 | 3.70 |  |"
-    summary = {"groups": {"default/sagan": group(40.0, None, None, None)}}
-    assert "EMA" not in results.results_table(summary, {"default/sagan": "SAGAN"}, floor, ["30"], "minutes", False)[0]
+    assert lines[4] == "| real vs real (floor) |  |  |  | 3.70 | 3.70 |  |"
+    summary["groups"]["default/sagan"]["milestones"]["30"]["ema_fid"] = {}
+    summary["groups"]["default/sagan"]["precision"] = ["bf16", "fp32"]  # resumed in another precision
+    timed = results.results_table(summary, {"default/sagan": "SAGAN"}, floor, ["30"], "steps", False, with_time=True)
+    assert timed[0] == "| model | seeds | steps at step 30 | CPU time | wall time | precision | classifier FID at step 30 |"
+    assert timed[2] == "| SAGAN | 1 | 100 (100-100) | 1.5 h | 2.5 h | bf16/fp32 | 40.0 (40.0-40.0) |"
+    assert timed[3] == "| real vs real (floor) |  |  |  |  |  | 3.70 |"

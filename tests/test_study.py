@@ -118,6 +118,7 @@ def test_a_folder_that_trained_as_another_recipe_is_refused_by_name_before_any_w
     assert plan.config(study.Run("stage-1", "sagan", 0, tmp_path)).g_lr == 2e-4  # a new run of the right name
     # a conditional run wrote down its dataset's class count (the recipe's 0 means 'as many as the dataset has')
     conditional = study.Run("default+conditional", "sagan", 0, tmp_path)
+    assert conditional.folder == tmp_path / "conditional" / "sagan-seed0", "one spelling, one folder"
     started = dataclasses.asdict(plan.config(conditional)) | {"num_classes": 10}
     (conditional.folder / "checkpoints").mkdir(parents=True)
     (conditional.folder / "checkpoints" / "latest.pt").write_bytes(b"")
