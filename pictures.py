@@ -308,6 +308,9 @@ def plot_fid(summary: dict, axis_key: str = "minutes", path: str | Path | None =
               "requested class read back (median, min-max over seeds)")
     panels = [(key, title) for key, title in ((metric, "trained G"), (f"ema_{metric}", "EMA of G"))
               if any(point.get(key) for group in groups.values() for point in group["curve"])]
+    if not panels:
+        raise ValueError(f"no {ylabel.split(' (')[0]} was logged by these runs yet: train with --eval-every or "
+                         f"--eval-minutes (study.py and results.py do)")
     rows = -(-len(groups) // 3)  # legend rows, below the panels
     figure = Figure(figsize=(max(5.5 * len(panels), 9), 4.5 + 0.25 * rows), layout="constrained")
     axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]

@@ -94,19 +94,24 @@ def read_sessions(run_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- metrics and grids
 
 def read_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
-    """metrics.csv as one float array per numeric column; NaN where a row left the column empty."""
+    """metrics.csv as one float array per column (every column is numeric); NaN where a row left a cell empty or
+    unreadable. A file with its header only gives empty arrays."""
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory written by train.py?")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    columns = {}
-    for name in rows[0].keys() if rows else ():
-        try:
-            columns[name] = np.array([float(row[name]) if row[name] not in ("", None) else math.nan for row in rows])
-        except ValueError:  # a text column has nothing to plot
-            continue
-    return columns
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        names = reader.fieldnames or []
+    return {name: np.array([_number(row.get(name)) for row in rows]) for name in names}
+
+
+def _number(cell: str | None) -> float:
+    """A metrics.csv cell as a float; NaN where it is empty, or cut short by a crash or a run still writing it."""
+    try:
+        return float(cell) if cell else math.nan
+    except ValueError:
+        return math.nan
 
 
 def last_logged_step(run_dir: Path) -> int:

@@ -211,15 +211,16 @@ def read_run(folder: Path) -> dict:
     config = read_config(folder)
     metric = headline_fid(config["dataset"])
     columns = read_metrics(folder)
-    clock = columns[f"{config['clock']}_time"]
+    clock = f"{config['clock']}_time"
 
     def value(name: str, row: int) -> float | None:
         return float(columns[name][row]) if name in columns and math.isfinite(columns[name][row]) else None
 
-    evaluations = [{"minutes": float(clock[row]) / 60, "images": int(columns["step"][row]) * config["batch_size"],
+    evaluations = [{"minutes": (value(clock, row) or 0.0) / 60, "images": int(columns["step"][row]) * config["batch_size"],
                     "step": int(columns["step"][row]), "fid": value(metric, row), "ema_fid": value(f"ema_{metric}", row),
                     "accuracy": value("requested_accuracy", row), "ema_accuracy": value("ema_requested_accuracy", row)}
-                   for row in range(len(columns["step"])) if value(metric, row) is not None]
+                   for row in range(len(columns.get("step", [])))
+                   if value(metric, row) is not None and value("step", row) is not None]
     record = read_record(record_path(folder))
     return {"config": config, "evaluations": evaluations, "record": record, "sessions": read_sessions(folder)}
 
@@ -291,6 +292,8 @@ def summarise(out: Path, period: float = 1.0, unit: str = "minutes") -> dict:
     summary = summarise_runs(study_groups(out), period, unit)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(markdown(summary))
+    if not any(group["curve"] for group in summary["groups"].values()):
+        return summary  # nothing scored yet: no plots
     for axis, name in (("minutes", "fid_vs_minutes.png"), ("images", "fid_vs_images.png")):
         pictures.plot_fid(summary, axis, out / name)
     if any(point["accuracy"] for group in summary["groups"].values() for point in group["curve"]):
@@ -428,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarise:
         print(markdown(summarise(Path(args.summarise), plan.eval_period, plan.unit)))
         return 0
-    runs = [Run(recipe, arm, seed, args.out) for recipe in args.recipes for seed in args.seeds for arm in args.arms]
+    runs = list(dict.fromkeys(Run(recipe, arm, seed, args.out)  # 'ema' and 'default+ema' are one run
+                              for recipe in args.recipes for seed in args.seeds for arm in args.arms))
     run_all(runs, plan, args.jobs)
     print(markdown(summarise(args.out, plan.eval_period, plan.unit)))
     return 0

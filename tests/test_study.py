@@ -1,6 +1,7 @@
 """study.py: recipes and plans, spreads over seeds, evaluation ticks every seed reached, milestones, and the plots."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from matplotlib.colors import to_hex
@@ -145,3 +146,29 @@ def test_legs_a_runs_record_has_done_start_no_process_and_a_milestone_not_scored
     run.record_path.write_text(json.dumps(trained | {"milestones": {"0.1": {}}}))
     study.run_all([run], plan, jobs=1)  # a resumed study or results.py call whose runs are all done
     assert not run.log_path.exists(), "a process was started for legs the record has done"
+
+
+def test_a_run_that_logged_nothing_yet_or_was_cut_short_mid_row_reads_as_what_it_logged(tmp_path):
+    """A study summarised while its runs start (metrics.csv has only its header) or after a crash mid-row."""
+    folder = tmp_path / "default" / "sagan-seed0"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"dataset": "mnist", "clock": "cpu", "batch_size": 64, "seed": 0,
+                                                    "threads": 1, "attn": True}))
+    header = "step,d_loss,cpu_time,classifier_fid\n"
+    (folder / "metrics.csv").write_text(header)
+    assert study.read_run(folder)["evaluations"] == []
+    summary = study.summarise(tmp_path)
+    assert summary["groups"]["default/sagan"]["curve"] == [] and not (tmp_path / "fid_vs_minutes.png").exists()
+    with pytest.raises(ValueError, match="no classifier FID was logged by these runs yet"):
+        pictures.plot_fid(summary, "minutes")
+    (folder / "metrics.csv").write_text(header + "10,1.5,60.0,400.0\n20,1.4,120.0,300.0\n3")  # the last row cut short
+    evaluations = study.read_run(folder)["evaluations"]
+    assert [(e["step"], e["minutes"], e["fid"]) for e in evaluations] == [(10, 1.0, 400.0), (20, 2.0, 300.0)]
+    (folder / "metrics.csv").write_text(header + "10,1.5,60.0,400.0\n20,1.4,12")  # cut inside a number
+    assert [e["step"] for e in study.read_run(folder)["evaluations"]] == [10]
+
+
+def test_recipe_names_on_the_command_line_have_one_spelling_and_a_study_runs_each_once():
+    assert study.recipe_name("default+ema") == "ema"
+    runs = {study.Run(recipe, "sagan", 0, Path("out")) for recipe in ("ema", "default+ema")}
+    assert len(runs) == 1 and next(iter(runs)).folder == Path("out") / "ema" / "sagan-seed0"
