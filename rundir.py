@@ -116,12 +116,11 @@ def _number(cell: str | None) -> float:
 
 def last_logged_step(run_dir: Path) -> int:
     """The step of the last row of a run's metrics.csv (0 before its first row), read while the run may be writing."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
+    if not (run_dir / "metrics.csv").is_file():
         return 0
-    with open(path, newline="") as f:
-        steps = [row["step"] for row in csv.DictReader(f) if row.get("step", "").isdigit()]
-    return int(steps[-1]) if steps else 0
+    steps = read_metrics(run_dir).get("step", np.array([]))
+    steps = steps[np.isfinite(steps)]
+    return int(steps[-1]) if len(steps) else 0
 
 
 class RunLog:
