@@ -250,10 +250,12 @@ def arm_of(config: "TrainConfig | dict") -> str:
 
 # ---------------------------------------------------------------------------------------------- resuming
 
-# Fields a resumed run may change; every other field must match the run's config.json.
+# Fields a resumed run may change; every other field must match the run's config.json. The EMA's are among them:
+# training never reads the EMA, so a run may start one when it resumes (G and D train on bitwise as without it).
 RESUMABLE_OVERRIDES = {"steps", "minutes", "clock", "device", "precision", "channels_last", "compile", "threads",
                        "num_workers", "sync_bn", "sample_every", "log_every", "checkpoint_every", "checkpoint_minutes",
-                       "eval_every", "eval_minutes", "eval_n", "quiet", "data_root", "out"}
+                       "eval_every", "eval_minutes", "eval_n", "quiet", "data_root", "out",
+                       "ema_decay", "ema_start", "ema_rampup"}
 
 
 def complete_config(saved: dict) -> dict:

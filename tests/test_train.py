@@ -1,5 +1,6 @@
 """Training engine: losses, one step, exact resume, atomic checkpoints, NaN guard, config checks, CLI."""
 import csv
+import dataclasses
 import json
 import random
 import signal
@@ -16,6 +17,7 @@ import train
 from checkpoint import atomic_save, load_checkpoint, load_generator
 from config import ConfigError, TrainConfig
 from ema import standing_statistics
+from models import build_models
 from rundir import last_logged_step
 from state import build_state
 from train import NonFiniteLossError
@@ -162,6 +164,28 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, recipe):
     assert wall == sorted(wall) and wall[3] > wall[2]
     assert wall[5] == round(resumed["wall_time"], 2)
     assert (first_half / "samples" / "step_000006.png").exists()
+
+
+@pytest.mark.slow
+def test_a_run_resumed_with_an_ema_it_did_not_keep_starts_one_there_and_trains_on_bitwise_as_without(tmp_path):
+    """The CelebA pair's case: trained without an EMA, resumed with one from its step. G and D must not notice."""
+    plain = dict(reuse_fakes=False, ema_decay=0.0, steps=6, checkpoint_every=1)
+    straight = train.train(tiny(tmp_path, "straight", **plain))
+    train.train(tiny(tmp_path, "resumed", **{**plain, "steps": 3}))
+    resumed = load_checkpoint(train.train(tiny(tmp_path, "resumed", **{**plain, "ema_decay": 0.9, "ema_start": 3}),
+                                          resume=True))
+    for key in ("G", "D"):
+        assert all(torch.equal(tensor, resumed[key][name]) for name, tensor in load_checkpoint(straight)[key].items())
+    # the EMA began as G at step 3 and averaged steps 4 to 6 at decay 0.9
+    parameters = [name for name, _ in build_models(dataclasses.asdict(tiny(tmp_path)))[0].named_parameters()]
+    G_at = {step: load_checkpoint(straight / "checkpoints" / f"step_{step:06d}.pt")["G"] for step in (3, 4, 5, 6)}
+    for name in parameters:
+        expected = G_at[3][name]
+        for step in (4, 5, 6):
+            expected = 0.9 * expected + 0.1 * G_at[step][name]
+        torch.testing.assert_close(resumed["G_ema"][name], expected, rtol=0, atol=1e-6)
+    assert (resumed["config"]["ema_decay"], resumed["config"]["ema_start"]) == (0.9, 3)
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["ema_decay"] == 0.9
 
 
 def test_resume_refuses_a_different_run_and_fresh_runs_refuse_to_overwrite(tmp_path):
