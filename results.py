@@ -1,6 +1,7 @@
 """Regenerate the published results: train the runs with study.py, then publish tables, pictures and weights.
 
     python results.py mnist --minutes 30 --milestones 10 30 --seeds 0 1 2 --jobs 2   # MNIST, 3 seeds per model
+    python results.py mnist --models baseline sagan                                    # MNIST, the pair only
     python results.py celeba --steps 5000 --jobs 2                                   # CelebA, the pair side by side
 
 MNIST trains the baseline, SAGAN and the class-conditional SAGAN with --recipe, each with --seeds, on a budget of
@@ -23,6 +24,7 @@ from checkpoint import atomic_save, load_generator, read_file
 from config import ARMS, canonical_recipe
 from models import model_module
 
+MNIST_MODELS = ("baseline", "sagan", "conditional")  # the conditional one is a SAGAN of the conditional recipe
 DEMO_TAGS = {"mnist": "mnist", "celeba": "celebA"}  # demo/ names follow the notebooks' (comparison_celebA.gif, ...)
 # Query pixels (row, col) of a 64x64 aligned CelebA face: left eye, right eye, mouth, background.
 CELEBA_QUERIES = [(33, 24), (33, 40), (47, 32), (6, 6)]
@@ -149,6 +151,7 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     out, demo, weights = Path(args.runs) / "mnist", Path(args.demo), Path(args.weights)
     models = {arm: (args.recipe, arm, f"{ARMS[arm].weights}_mnist.pt") for arm in ARMS}
     models["conditional"] = (args.conditional_recipe, "sagan", f"{ARMS['sagan'].weights}_mnist_conditional.pt")
+    models = {model: models[model] for model in args.models}
     runs = [study.Run(recipe, arm, seed, out) for recipe, arm, _ in models.values() for seed in args.seeds]
     study.run_all(runs, plan, args.jobs)
     summary = study.summarise(out, plan.eval_period, plan.unit)
@@ -160,17 +163,19 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
         chosen[model] = study.Run(recipe, arm, seed, out).folder
         score = publish_generator(chosen[model], weights / file_name, plan.final_n, plan.data_root)
         published[file_name] = published_entry(weights / file_name, seed, score)
-    publish_pictures({"baseline": chosen["baseline"], "sagan": chosen["sagan"]}, demo, "mnist",
-                     f"After {last} CPU-minutes (the median seed of each)")
-    G, _ = load_generator(chosen["conditional"])
-    pictures.class_grid(G).save(demo / "conditional_mnist.png")
+    if {"baseline", "sagan"} <= chosen.keys():
+        publish_pictures({"baseline": chosen["baseline"], "sagan": chosen["sagan"]}, demo, "mnist",
+                         f"After {last} CPU-minutes (the median seed of each)")
+    if "conditional" in chosen:
+        G, _ = load_generator(chosen["conditional"])
+        pictures.class_grid(G).save(demo / "conditional_mnist.png")
     floor = evaluate.floor("mnist", plan.final_n, data_root=plan.data_root)
     labels = {f"{recipe}/{arm}": (ARMS[arm].label if model != "conditional" else "SAGAN, class-conditional")
               for model, (recipe, arm, _) in models.items()}
     pictures.plot_fid(summary, "minutes", demo / "fid_mnist.png", labels=labels)
     milestones = [f"{key:g}" for key in plan.milestones]
     protocol = floor["protocol"]
-    lines = results_table(summary, labels, floor, milestones, plan.unit, with_accuracy=True)
+    lines = results_table(summary, labels, floor, milestones, plan.unit, with_accuracy="conditional" in models)
     lines += ["", f"Classifier FID (lower is better) of {plan.final_n} samples against the {protocol['reference_size']} "
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
                   f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G and, where the recipe keeps "
@@ -229,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="default", type=study.recipe_name, help="the recipe every run trains with")
     parser.add_argument("--conditional-recipe", type=study.recipe_name,
                         help="MNIST: the conditional SAGAN's recipe (default: --recipe plus 'conditional')")
+    parser.add_argument("--models", nargs="+", choices=MNIST_MODELS, default=list(MNIST_MODELS),
+                        help="MNIST: the models to train and publish (default: all; 'baseline sagan': the pair only)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (CelebA: the first)")
     parser.add_argument("--runs", default="runs/results", help="where the run directories live")
     parser.add_argument("--demo", default="demo", help="where pictures and tables go")

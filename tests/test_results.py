@@ -22,14 +22,27 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_path, data_root):
+def test_results_publishes_the_pair_then_every_file_and_its_weights_reproduce_the_table(tmp_path, data_root):
     n = 500
-    made = _run("results.py", "mnist", "--minutes", "0.1", "--milestones", "0.1", "--seeds", "0", "--sample-every", "2",
-                "--eval-minutes", "0.05", "--pause-every", "0.05", "--n", str(n), "--curve-n", "200", "--runs", "runs",
-                "--data-root", str(data_root), "--threads", "1", "--jobs", "2", cwd=tmp_path)
-    assert made.returncode == 0, made.stderr[-3000:]
-
+    settings = ["--minutes", "0.1", "--milestones", "0.1", "--seeds", "0", "--sample-every", "2", "--eval-minutes", "0.05",
+                "--pause-every", "0.05", "--n", str(n), "--curve-n", "200", "--runs", "runs", "--data-root", str(data_root),
+                "--threads", "1"]
     demo, weights = tmp_path / "demo", tmp_path / "weights"
+    # first the pair alone, one job: the two runs take turns, each reaching the first pause before either goes on
+    pair = _run("results.py", "mnist", *settings, "--jobs", "1", "--models", "baseline", "sagan", cwd=tmp_path)
+    assert pair.returncode == 0, pair.stderr[-3000:]
+    records = [json.loads(path.read_text()) for path in (tmp_path / "runs" / "mnist").glob("*/*-seed0.json")]
+    assert len(records) == 2 and all(list(record["legs"]) == ["0.05", "0.1"] for record in records)
+    assert max(r["legs"]["0.05"]["started"] for r in records) < min(r["legs"]["0.1"]["started"] for r in records)
+    assert not (weights / "sagan_mnist_conditional.pt").exists() and not (demo / "conditional_mnist.png").exists()
+    assert "class-conditional" not in (demo / "results_mnist.md").read_text()
+    trained = {path: path.stat().st_mtime for path in (tmp_path / "runs" / "mnist").glob("default/*/checkpoints/latest.pt")}
+    assert len(trained) == 2
+    # then every model: only the conditional SAGAN trains, the pair's runs are done and are published again
+    made = _run("results.py", "mnist", *settings, "--jobs", "2", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert {path: path.stat().st_mtime for path in trained} == trained, "the pair did not train again"
+
     for name in ("comparison_mnist.gif", "curves_mnist.png", "fid_mnist.png", "final_mnist.png", "attention_mnist.png",
                  "conditional_mnist.png", "results_mnist.md", "results_mnist.json"):
         assert (demo / name).stat().st_size > 0, name
@@ -40,10 +53,6 @@ def test_results_publishes_every_file_and_its_weights_reproduce_the_table(tmp_pa
                 "| real vs real (floor) |", "Regenerate: `python results.py mnist --minutes 0.1"):
         assert row in table, row
 
-    # three runs on two jobs take turns: every run reached the first pause before any went on to the next
-    records = [json.loads(path.read_text()) for path in (tmp_path / "runs" / "mnist").glob("*/*-seed0.json")]
-    assert len(records) == 3 and all(list(record["legs"]) == ["0.05", "0.1"] for record in records)
-    assert max(r["legs"]["0.05"]["started"] for r in records) < min(r["legs"]["0.1"]["started"] for r in records)
 
     results = json.loads((demo / "results_mnist.json").read_text())
     assert set(results["study"]["groups"]) == {"default/sagan", "default/baseline", "conditional/sagan"}
