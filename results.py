@@ -180,10 +180,12 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
                   f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G and, where the recipe keeps "
                   f"one, of its EMA (which training never reads; a published file holds the EMA where there is one "
-                  f"and records its own score). Minutes are "
-                  f"minutes of each run's own CPU time on {plan.threads} thread(s), {args.jobs} run(s) side by side, evaluation not counted. Requested digit: the share of samples the "
-                  f"classifier reads as the digit asked for (the EMA's where kept). Floor: {protocol['images']}.",
-              f"Recipe: `{args.recipe}` (conditional: `{args.conditional_recipe}`). {machine_line(summary, plan.threads)}", "",
+                  f"and records its own score). Minutes are minutes of each run's own CPU time on {plan.threads} "
+                  f"thread(s) (so other work on the machine does not count), evaluation not counted. "
+                  + ("Requested digit: the share of samples the classifier reads as the digit asked for (the EMA's "
+                     "where kept). " if "conditional" in models else "") + f"Floor: {protocol['images']}.",
+              f"Recipe: `{args.recipe}`" + (f" (conditional: `{args.conditional_recipe}`)" if "conditional" in models else "")
+              + f". {machine_line(summary, plan.threads)}", "",
               "Published generators (each model's median seed at the last milestone, fp16, scored from the file):", "",
               *weights_table(published)]
     return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
