@@ -99,9 +99,9 @@ def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones
     at = (lambda key: f"{key} min") if unit == "minutes" else (lambda key: f"step {int(float(key))}")
     kept_ema = any(summary["groups"][name]["milestones"][key]["ema_fid"] for name in groups for key in milestones)
     kinds = [("fid", metric)] + ([("ema_fid", f"{metric}, EMA")] if kept_ema else [])
-    times = ["cpu_time", "wall_time"] if with_time else []
-    head = ["model", "seeds", f"steps at {at(milestones[-1])}", *(["CPU time", "wall time"] if with_time else []),
-            "precision", *(f"{label} at {at(key)}" for _, label in kinds for key in milestones)]
+    times = {"cpu_time": "CPU time", "wall_time": "wall time"} if with_time else {}
+    head = ["model", "seeds", f"steps at {at(milestones[-1])}", *times.values(), "precision",
+            *(f"{label} at {at(key)}" for _, label in kinds for key in milestones)]
     head += ["requested digit read back"] if with_accuracy else []
     lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
     for name, label in groups.items():

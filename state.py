@@ -124,11 +124,10 @@ class TrainState:
         """Restore a state built for the same config from a checkpoint dict."""
         self.G.load_state_dict(checkpoint["G"])
         self.D.load_state_dict(checkpoint["D"])
-        if self.G_ema is not None and checkpoint.get("G_ema") is not None:
-            self.G_ema.load_state_dict(checkpoint["G_ema"])
-        elif self.G_ema is not None:  # resumed with an EMA the run did not keep: it starts here, from G
-            self.G_ema.load_state_dict(checkpoint["G"])
-            self.ema_stale = True
+        if self.G_ema is not None:  # resumed with an EMA the run did not keep: it starts here, as G
+            kept = checkpoint.get("G_ema") is not None
+            self.G_ema.load_state_dict(checkpoint["G_ema"] if kept else checkpoint["G"])
+            self.ema_stale = not kept
         self.opt_G.load_state_dict(checkpoint["opt_G"])
         self.opt_D.load_state_dict(checkpoint["opt_D"])
         self.scaler_G.load_state_dict(checkpoint["scaler"]["G"])

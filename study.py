@@ -216,11 +216,14 @@ def read_run(folder: Path) -> dict:
     def value(name: str, row: int) -> float | None:
         return float(columns[name][row]) if name in columns and math.isfinite(columns[name][row]) else None
 
-    evaluations = [{"minutes": (value(clock, row) or 0.0) / 60, "images": int(columns["step"][row]) * config["batch_size"],
-                    "step": int(columns["step"][row]), "fid": value(metric, row), "ema_fid": value(f"ema_{metric}", row),
-                    "accuracy": value("requested_accuracy", row), "ema_accuracy": value("ema_requested_accuracy", row)}
-                   for row in range(len(columns.get("step", [])))
-                   if value(metric, row) is not None and value("step", row) is not None]
+    evaluations = []
+    for row in range(len(columns.get("step", []))):
+        step, seconds, fid = value("step", row), value(clock, row), value(metric, row)
+        if None in (step, seconds, fid):  # not an evaluation, or a row cut short
+            continue
+        evaluations.append({"minutes": seconds / 60, "images": int(step) * config["batch_size"], "step": int(step),
+                            "fid": fid, "ema_fid": value(f"ema_{metric}", row), "accuracy": value("requested_accuracy", row),
+                            "ema_accuracy": value("ema_requested_accuracy", row)})
     record = read_record(record_path(folder))
     return {"config": config, "evaluations": evaluations, "record": record, "sessions": read_sessions(folder)}
 
