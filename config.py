@@ -29,7 +29,7 @@ def _field(default, help: str):
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run. The defaults are the default recipe (README, Recipe); TrainConfig.from_recipe('original')
+    """Every knob of a run. The defaults are the default recipe (README, Recipe study); TrainConfig.from_recipe('original')
     gives the original project's."""
 
     # data
@@ -59,7 +59,7 @@ class TrainConfig:
     minutes: float = _field(0.0, "also stop after this many minutes of training (evaluation not counted); 0 = no limit")
     clock: str = _field("wall", "what --minutes, --eval-minutes and --checkpoint-minutes count: 'wall' (elapsed time) or "
                                 "'cpu' (this process's CPU time, which other programs on the machine do not eat into)")
-    # equal rates 4e-4 with reuse_fakes and an EMA: the recipe study's winner at 30 CPU-minutes (README, Recipe); equal
+    # equal rates 4e-4 with reuse_fakes and an EMA: the recipe study's winner at 30 CPU-minutes (README, Recipe study); equal
     # rates because the original TTUR (1e-4 / 4e-4) lets D win outright for hundreds of steps
     batch_size: int = _field(64, "images per batch (per process)")
     g_lr: float = _field(4e-4, "generator learning rate")

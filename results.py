@@ -166,16 +166,24 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     if {"baseline", "sagan"} <= chosen.keys():
         publish_pictures({"baseline": chosen["baseline"], "sagan": chosen["sagan"]}, demo, "mnist",
                          f"After {last} CPU-minutes (the median seed of each)")
-    if "conditional" in chosen:
-        G, _ = load_generator(chosen["conditional"])
-        pictures.class_grid(G).save(demo / "conditional_mnist.png")
     floor = evaluate.floor("mnist", plan.final_n, data_root=plan.data_root)
     labels = {f"{recipe}/{arm}": (ARMS[arm].label if model != "conditional" else "SAGAN, class-conditional")
               for model, (recipe, arm, _) in models.items()}
-    pictures.plot_fid(summary, "minutes", demo / "fid_mnist.png", labels=labels)
+    pictures.plot_fid({**summary, "groups": {name: summary["groups"][name] for name in labels}}, "minutes",
+                      demo / "fid_mnist.png", labels=labels)
     milestones = [f"{key:g}" for key in plan.milestones]
     protocol = floor["protocol"]
     lines = results_table(summary, labels, floor, milestones, plan.unit, with_accuracy="conditional" in models)
+    conditioning = []  # the conditional SAGAN against any other conditional runs in the folder (another conditioning)
+    if "conditional" in chosen:
+        G, _ = load_generator(chosen["conditional"])
+        pictures.class_grid(G).save(demo / "conditional_mnist.png")
+        for axis, name in (("step", "steps"), ("minutes", "minutes")):
+            pictures.plot_fid(summary, axis, demo / f"accuracy_mnist_{name}.png", metric="accuracy", labels=labels)
+        at_steps = study.accuracy_table(summary, labels)
+        conditioning = ["", "Class-conditional SAGANs at equal steps (each run's last evaluation at or before the step, "
+                            f"{plan.eval_n} samples): the share read back as the digit asked for, and classifier FID.",
+                        "", *at_steps] if at_steps else []
     lines += ["", f"Classifier FID (lower is better) of {plan.final_n} samples against the {protocol['reference_size']} "
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
                   f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G and, where the recipe keeps "
@@ -187,7 +195,7 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
               f"Recipe: `{args.recipe}`" + (f" (conditional: `{args.conditional_recipe}`)" if "conditional" in models else "")
               + f". {machine_line(summary, plan.threads)}", "",
               "Published generators (each model's median seed at the last milestone, fp16, scored from the file):", "",
-              *weights_table(published)]
+              *weights_table(published), *conditioning]
     return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ from config import (ARMS, RECIPES, WHOLE_RECIPES, ConfigError, TrainConfig, add_
 from evaluate import headline_fid
 
 ROOT = Path(__file__).resolve().parent
+SCORES = ("fid", "ema_fid", "accuracy", "ema_accuracy")  # what an evaluation scores: the trained G, then its EMA
 
 
 @dataclass(frozen=True)
@@ -250,21 +251,21 @@ def summarise_group(runs: list[dict], period: float, unit: str = "minutes") -> d
         if len(points) < len(runs):
             continue  # not every seed reached it
         table.append({key: spread([p.get(key) for p in points])
-                      for key in ("minutes", "images", "step", "fid", "ema_fid", "accuracy", "ema_accuracy")})
+                      for key in ("minutes", "images", "step", *SCORES)})
     milestones = {}
     for key in sorted({k for run in runs for k in run["record"]["milestones"]}, key=float):
         points = [run["record"]["milestones"].get(key) for run in runs]
         if all(points):
             milestones[key] = {name: spread([p.get(name) for p in points])
-                               for name in ("fid", "ema_fid", "accuracy", "ema_accuracy", "step", "wall_time", "cpu_time")}
+                               for name in (*SCORES, "step", "wall_time", "cpu_time")}
     legs = [leg for run in runs for leg in run["record"]["legs"].values()]
     cpu_share = spread([leg["cpu_s"] / leg["wall_s"] for leg in legs if leg["wall_s"] > 0])
     throughput = spread([run["evaluations"][-1]["images"] / (60 * run["evaluations"][-1]["minutes"])
                          for run in runs if run["evaluations"] and run["evaluations"][-1]["minutes"] > 0])
     precisions = sorted({session["precision"] for run in runs for session in run.get("sessions", [])})
-    by_step = [[(e["step"], e["fid"]) for e in run["evaluations"]] for run in runs]
+    by_step = [[{key: e.get(key) for key in ("step", *SCORES)} for e in run["evaluations"]] for run in runs]
     return {"seeds": sorted(run["config"]["seed"] for run in runs), "curve": table, "milestones": milestones,
-            "fid_by_step": by_step,
+            "by_step": by_step,
             "cpu_share": cpu_share, "img_per_s": throughput, "threads": runs[0]["config"]["threads"],
             "clock": runs[0]["config"]["clock"], "precision": precisions or ["fp32"]}
 
@@ -305,14 +306,43 @@ def summarise(out: Path, period: float = 1.0, unit: str = "minutes") -> dict:
     return summary
 
 
-def fid_at_step(group: dict, step: int) -> dict:
-    """The spread over seeds of each run's FID at its last evaluation at or before `step`: a comparison at equal
-    images seen, which a budget of minutes does not give when groups ran at different speeds (or under more load)."""
+def at_step(group: dict, step: int, score: str = "fid") -> dict:
+    """The spread over seeds of each run's `score` (one of SCORES) at its last evaluation at or before `step`: a
+    comparison at equal images seen, which a budget of minutes does not give when groups ran at different speeds (or
+    under more load)."""
     values = []
-    for evaluations in group.get("fid_by_step", []):
-        before = [fid for at, fid in evaluations if at <= step]
+    for evaluations in group.get("by_step", []):
+        before = [evaluation[score] for evaluation in evaluations if evaluation["step"] <= step]
         values.append(before[-1] if before else None)
     return spread(values) if values and None not in values else {}
+
+
+def equal_step(groups: list[dict]) -> int:
+    """The last step every run of these groups that has evaluated reached with an evaluation (0: none has)."""
+    ends = [evaluations[-1]["step"] for group in groups for evaluations in group.get("by_step", []) if evaluations]
+    return min(ends, default=0)
+
+
+def accuracy_table(summary: dict, labels: dict[str, str] | None = None) -> list[str]:
+    """The requested class read back, and FID, of the groups that logged it (class-conditional runs) at equal steps:
+    250, 500, 1000, ... and the last step every such run reached; of the EMA where runs kept one (the G a weights
+    file publishes), else of the trained G. Empty when no group logged it."""
+    groups = {name: group for name, group in summary["groups"].items()
+              if any(point["accuracy"] for point in group["curve"])}
+    end = equal_step(list(groups.values()))
+    if not end:
+        return []
+    steps = [250 * 2 ** k for k in range(20) if 250 * 2 ** k < end] + [end]
+    lines = ["| model | score | " + " | ".join(f"step {step}" for step in steps) + " |",
+             "| --- | --- |" + " ---: |" * len(steps)]
+    for name, group in groups.items():
+        ema = any(point["ema_accuracy"] for point in group["curve"])
+        prefix, kept = ("ema_", "EMA's ") if ema else ("", "")
+        label = (labels or {}).get(name, name)
+        lines.append(f"| {label} | {kept}class read back | "
+                     + " | ".join(cell(at_step(group, step, prefix + "accuracy"), 1, True) for step in steps) + " |")
+        lines.append(f"| | {kept}FID | " + " | ".join(cell(at_step(group, step, prefix + "fid")) for step in steps) + " |")
+    return lines
 
 
 def cell(spread_: dict, digits: int = 1, percent: bool = False) -> str:
@@ -326,9 +356,7 @@ def cell(spread_: dict, digits: int = 1, percent: bool = False) -> str:
 def markdown(summary: dict) -> str:
     """One row per recipe and arm: FID (median, min-max over seeds) at the end, half way and at the milestones."""
     machine_ = summary["machine"]
-    ends = [at for group in summary["groups"].values() for evaluations in group.get("fid_by_step", [])
-            for at, _ in evaluations[-1:]]
-    equal_step = min(ends) if ends else 0
+    same_step = equal_step(list(summary["groups"].values()))
     lines = [f"Machine: {machine_['cpu']}, {machine_['cores']} cores, torch {machine_['torch']}, {machine_['date']} "
              f"(commit {machine_['commit']}).", "",
              "Minutes are minutes of training by each run's clock (wall: elapsed; cpu: the run's own CPU time), "
@@ -336,7 +364,7 @@ def markdown(summary: dict) -> str:
              "FID cells: median (min-max) over the seeds, on the evaluation's samples; 'at step N': each run's last "
              "evaluation at or before step N, the last step every run reached (equal images seen).", "",
              "| recipe / arm | seeds | threads | clock | precision | CPU share | img/s | steps at end | FID at end | "
-             f"EMA FID at end | FID at step {equal_step} | FID at half | EMA FID at half | milestones (FID / EMA FID) |",
+             f"EMA FID at end | FID at step {same_step} | FID at half | EMA FID at half | milestones (FID / EMA FID) |",
              "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, group in summary["groups"].items():
         curve = group["curve"]
@@ -347,9 +375,14 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {name} | {','.join(map(str, group['seeds']))} | {group['threads']} | {group['clock']} | "
                      f"{'/'.join(group.get('precision', ['fp32']))} | {group['cpu_share'].get('median', 0):.2f} | "
                      f"{group['img_per_s'].get('median', 0):.0f} | {end['step']['median']:.0f} | {cell(end['fid'])} | "
-                     f"{cell(end['ema_fid'])} | {cell(fid_at_step(group, equal_step))} | "
+                     f"{cell(end['ema_fid'])} | {cell(at_step(group, same_step))} | "
                      f"{cell(half['fid'])} @ {half['minutes']['median']:.1f} min | "
                      f"{cell(half['ema_fid'])} | {milestones or '-'} |")
+    accuracy = accuracy_table(summary)
+    if accuracy:
+        lines += ["", "Class-conditional runs, at equal steps (each run's last evaluation at or before the step, on "
+                      "the evaluation's samples): the share of samples read back as the class asked for, and FID.", "",
+                  *accuracy]
     return "\n".join(lines) + "\n"
 
 

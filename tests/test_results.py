@@ -34,7 +34,8 @@ def test_results_publishes_the_pair_then_every_file_and_its_weights_reproduce_th
     records = [json.loads(path.read_text()) for path in (tmp_path / "runs" / "mnist").glob("*/*-seed0.json")]
     assert len(records) == 2 and all(list(record["legs"]) == ["0.05", "0.1"] for record in records)
     assert max(r["legs"]["0.05"]["started"] for r in records) < min(r["legs"]["0.1"]["started"] for r in records)
-    assert not (weights / "sagan_mnist_conditional.pt").exists() and not (demo / "conditional_mnist.png").exists()
+    assert not any((folder / name).exists() for folder, name in ((weights, "sagan_mnist_conditional.pt"),
+                   (demo, "conditional_mnist.png"), (demo, "accuracy_mnist_steps.png")))
     assert "class-conditional" not in (demo / "results_mnist.md").read_text()
     trained = {path: path.stat().st_mtime for path in (tmp_path / "runs" / "mnist").glob("default/*/checkpoints/latest.pt")}
     assert len(trained) == 2
@@ -44,13 +45,15 @@ def test_results_publishes_the_pair_then_every_file_and_its_weights_reproduce_th
     assert {path: path.stat().st_mtime for path in trained} == trained, "the pair did not train again"
 
     for name in ("comparison_mnist.gif", "curves_mnist.png", "fid_mnist.png", "final_mnist.png", "attention_mnist.png",
-                 "conditional_mnist.png", "results_mnist.md", "results_mnist.json"):
+                 "conditional_mnist.png", "accuracy_mnist_steps.png", "accuracy_mnist_minutes.png", "results_mnist.md",
+                 "results_mnist.json"):
         assert (demo / name).stat().st_size > 0, name
     assert Image.open(demo / "conditional_mnist.png").height == 2 + 10 * 30  # a row per digit, labelled
 
     table = (demo / "results_mnist.md").read_text()
     for row in ("| SAGAN | 1 |", "| baseline (no attention) | 1 |", "| SAGAN, class-conditional | 1 |",
-                "| real vs real (floor) |", "Regenerate: `python results.py mnist --minutes 0.1"):
+                "| real vs real (floor) |", "| SAGAN, class-conditional | EMA's class read back |",
+                "Regenerate: `python results.py mnist --minutes 0.1"):
         assert row in table, row
 
 

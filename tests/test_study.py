@@ -129,8 +129,35 @@ def test_a_folder_that_trained_as_another_recipe_is_refused_by_name_before_any_w
 
 def test_fid_at_equal_steps_takes_each_runs_last_evaluation_at_or_before_the_step():
     group = study.summarise_group([_run(0, [900.0, 500.0, 300.0]), _run(1, [800.0, 700.0])], period=1.0)
-    assert study.fid_at_step(group, 250) == {"median": 600.0, "min": 500.0, "max": 700.0, "n": 2}  # steps 200 and 200
-    assert study.fid_at_step(group, 50) == {}, "a seed with no evaluation that early"
+    assert study.at_step(group, 250) == {"median": 600.0, "min": 500.0, "max": 700.0, "n": 2}  # steps 200 and 200
+    assert study.at_step(group, 50) == {}, "a seed with no evaluation that early"
+
+
+def _conditional_run(seed: int, accuracies: list[float], ema: bool) -> dict:
+    """A class-conditional run: FID 100, 90, 80, ... and the given share read back (the EMA's 0.05 higher)."""
+    run = _run(seed, [100.0 - 10 * k for k in range(len(accuracies))], ema=ema)
+    for evaluation, accuracy in zip(run["evaluations"], accuracies):
+        evaluation |= {"accuracy": accuracy, "ema_accuracy": accuracy + 0.05 if ema else None}
+    return run
+
+
+def test_the_accuracy_table_compares_conditional_groups_at_equal_steps_on_the_g_a_file_publishes():
+    shared = study.summarise_group([_conditional_run(0, [0.1, 0.5, 0.6, 0.7, 0.8, 0.9], ema=True),
+                                    _conditional_run(1, [0.2, 0.4, 0.5, 0.6, 0.7, 0.8], ema=True)], period=1.0)
+    per_class = study.summarise_group([_conditional_run(0, [0.1, 0.1, 0.2, 0.2, 0.3], ema=False)], period=1.0)
+    unconditional = study.summarise_group([_run(0, [50.0, 40.0, 30.0])], period=1.0)  # no accuracy: not in the table
+    summary = {"machine": {"cpu": "cpu", "cores": 2, "torch": "2", "date": "today", "commit": "abc"},
+               "groups": {"default/sagan": unconditional, "conditional/sagan": shared,
+                          "conditional+per-class/sagan": per_class}}
+    lines = study.accuracy_table(summary, {"conditional/sagan": "SAGAN, class-conditional"})
+    # steps 250, 500 and the last step every conditional run reached (500: the per-class run's 5 evaluations)
+    assert lines[0] == "| model | score | step 250 | step 500 |"
+    assert lines[2] == "| SAGAN, class-conditional | EMA's class read back | 50.0% (45.0%-55.0%) | 80.0% (75.0%-85.0%) |"
+    assert lines[3] == "| | EMA's FID | 91.0 (91.0-91.0) | 61.0 (61.0-61.0) |"  # steps 200 and 500: FIDs 90 and 60, +1
+    assert lines[4] == "| conditional+per-class/sagan | class read back | 10.0% (10.0%-10.0%) | 30.0% (30.0%-30.0%) |"
+    assert len(lines) == 6
+    assert "\n".join(study.accuracy_table(summary)) in study.markdown(summary)  # the study's summary.md has it
+    assert study.accuracy_table({"groups": {"default/sagan": unconditional}}) == []
 
 
 def test_legs_a_runs_record_has_done_start_no_process_and_a_milestone_not_scored_is_not_done(tmp_path, monkeypatch):
