@@ -185,13 +185,11 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     if "conditional" in chosen:
         G, _ = load_generator(chosen["conditional"])
         pictures.class_grid(G).save(demo / "conditional_mnist.png")
-        named = labels | {name: group_label(name) for name in summary["groups"] if name not in labels}
+        conditional = {**summary, "groups": study.accuracy_groups(summary)}
+        named = labels | {name: group_label(name) for name in conditional["groups"] if name not in labels}
         for axis, name in (("step", "steps"), ("minutes", "minutes")):
-            pictures.plot_fid(summary, axis, demo / f"accuracy_mnist_{name}.png", metric="accuracy", labels=named)
-        at_steps = study.accuracy_table(summary, named)
-        conditioning = ["", "Class-conditional SAGANs at equal steps (each run's last evaluation at or before the step, "
-                            f"{plan.eval_n} samples): the share read back as the digit asked for, and classifier FID.",
-                        "", *at_steps] if at_steps else []
+            pictures.plot_fid(conditional, axis, demo / f"accuracy_mnist_{name}.png", metric="accuracy", labels=named)
+        conditioning = ["", *table] if (table := study.accuracy_table(summary, named)) else []
     lines += ["", f"Classifier FID (lower is better) of {plan.final_n} samples against the {protocol['reference_size']} "
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
                   f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G and, where the recipe keeps "

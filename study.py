@@ -300,9 +300,10 @@ def summarise(out: Path, period: float = 1.0, unit: str = "minutes") -> dict:
         return summary  # nothing scored yet: no plots
     for axis, name in (("minutes", "fid_vs_minutes.png"), ("images", "fid_vs_images.png")):
         pictures.plot_fid(summary, axis, out / name)
-    if any(point["accuracy"] for group in summary["groups"].values() for point in group["curve"]):
+    conditional = {**summary, "groups": accuracy_groups(summary)}
+    if conditional["groups"]:
         for axis, name in (("step", "accuracy_vs_steps.png"), ("minutes", "accuracy_vs_minutes.png")):
-            pictures.plot_fid(summary, axis, out / name, metric="accuracy")
+            pictures.plot_fid(conditional, axis, out / name, metric="accuracy")
     return summary
 
 
@@ -318,22 +319,29 @@ def at_step(group: dict, step: int, score: str = "fid") -> dict:
 
 
 def equal_step(groups: list[dict]) -> int:
-    """The last step every run of these groups that has evaluated reached with an evaluation (0: none has)."""
+    """The step of the earliest last evaluation among these groups' runs (runs not evaluated yet aside; 0 if none
+    was): the last step at which every run can be compared."""
     ends = [evaluations[-1]["step"] for group in groups for evaluations in group.get("by_step", []) if evaluations]
     return min(ends, default=0)
 
 
+def accuracy_groups(summary: dict) -> dict[str, dict]:
+    """The groups of a summary that logged the requested class read back: class-conditional runs."""
+    return {name: group for name, group in summary["groups"].items() if any(point["accuracy"] for point in group["curve"])}
+
+
 def accuracy_table(summary: dict, labels: dict[str, str] | None = None) -> list[str]:
-    """The requested class read back, and FID, of the groups that logged it (class-conditional runs) at equal steps:
-    250, 500, 1000, ... and the last step every such run reached; of the EMA where runs kept one (the G a weights
-    file publishes), else of the trained G. Empty when no group logged it."""
-    groups = {name: group for name, group in summary["groups"].items()
-              if any(point["accuracy"] for point in group["curve"])}
+    """The requested class read back, and FID, of the class-conditional groups at equal steps: 250, 500, 1000, ...
+    and the last step every such run reached; of the EMA where runs kept one (the G a weights file publishes),
+    else of the trained G. A sentence saying so, then the table; empty when no group logged it."""
+    groups = accuracy_groups(summary)
     end = equal_step(list(groups.values()))
     if not end:
         return []
     steps = [250 * 2 ** k for k in range(20) if 250 * 2 ** k < end] + [end]
-    lines = ["| model | score | " + " | ".join(f"step {step}" for step in steps) + " |",
+    lines = ["Class-conditional runs at equal steps (each run's last evaluation at or before the step, on the "
+             "evaluation's samples): the share of samples read back as the class asked for, and FID.", "",
+             "| model | score | " + " | ".join(f"step {step}" for step in steps) + " |",
              "| --- | --- |" + " ---: |" * len(steps)]
     for name, group in groups.items():
         ema = any(point["ema_accuracy"] for point in group["curve"])
@@ -356,7 +364,7 @@ def cell(spread_: dict, digits: int = 1, percent: bool = False) -> str:
 def markdown(summary: dict) -> str:
     """One row per recipe and arm: FID (median, min-max over seeds) at the end, half way and at the milestones."""
     machine_ = summary["machine"]
-    same_step = equal_step(list(summary["groups"].values()))
+    same_step = equal_step([group for group in summary["groups"].values() if group["curve"]])  # the groups shown
     lines = [f"Machine: {machine_['cpu']}, {machine_['cores']} cores, torch {machine_['torch']}, {machine_['date']} "
              f"(commit {machine_['commit']}).", "",
              "Minutes are minutes of training by each run's clock (wall: elapsed; cpu: the run's own CPU time), "
@@ -378,11 +386,7 @@ def markdown(summary: dict) -> str:
                      f"{cell(end['ema_fid'])} | {cell(at_step(group, same_step))} | "
                      f"{cell(half['fid'])} @ {half['minutes']['median']:.1f} min | "
                      f"{cell(half['ema_fid'])} | {milestones or '-'} |")
-    accuracy = accuracy_table(summary)
-    if accuracy:
-        lines += ["", "Class-conditional runs, at equal steps (each run's last evaluation at or before the step, on "
-                      "the evaluation's samples): the share of samples read back as the class asked for, and FID.", "",
-                  *accuracy]
+    lines += ["", *accuracy] if (accuracy := accuracy_table(summary)) else []
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,7 @@ def test_results_publishes_the_pair_then_every_file_and_its_weights_reproduce_th
     assert len(records) == 2 and all(list(record["legs"]) == ["0.05", "0.1"] for record in records)
     assert max(r["legs"]["0.05"]["started"] for r in records) < min(r["legs"]["0.1"]["started"] for r in records)
     assert not any((folder / name).exists() for folder, name in ((weights, "sagan_mnist_conditional.pt"),
-                   (demo, "conditional_mnist.png"), (demo, "accuracy_mnist_steps.png")))
+                   (demo, "conditional_mnist.png"), (demo, "accuracy_mnist_steps.png"), (demo, "accuracy_mnist_minutes.png")))
     assert "class-conditional" not in (demo / "results_mnist.md").read_text()
     trained = {path: path.stat().st_mtime for path in (tmp_path / "runs" / "mnist").glob("default/*/checkpoints/latest.pt")}
     assert len(trained) == 2

@@ -131,6 +131,9 @@ def test_fid_at_equal_steps_takes_each_runs_last_evaluation_at_or_before_the_ste
     group = study.summarise_group([_run(0, [900.0, 500.0, 300.0]), _run(1, [800.0, 700.0])], period=1.0)
     assert study.at_step(group, 250) == {"median": 600.0, "min": 500.0, "max": 700.0, "n": 2}  # steps 200 and 200
     assert study.at_step(group, 50) == {}, "a seed with no evaluation that early"
+    starting = study.summarise_group([_run(0, [900.0]), _run(1, [])], period=1.0)  # a seed not evaluated yet
+    assert study.equal_step([group, starting]) == 100 and study.equal_step([group]) == 200
+    assert study.equal_step([study.summarise_group([_run(0, [])], period=1.0)]) == 0
 
 
 def _conditional_run(seed: int, accuracies: list[float], ema: bool) -> dict:
@@ -149,7 +152,8 @@ def test_the_accuracy_table_compares_conditional_groups_at_equal_steps_on_the_g_
     summary = {"machine": {"cpu": "cpu", "cores": 2, "torch": "2", "date": "today", "commit": "abc"},
                "groups": {"default/sagan": unconditional, "conditional/sagan": shared,
                           "conditional+per-class/sagan": per_class}}
-    lines = study.accuracy_table(summary, {"conditional/sagan": "SAGAN, class-conditional"})
+    sentence, blank, *lines = study.accuracy_table(summary, {"conditional/sagan": "SAGAN, class-conditional"})
+    assert sentence.startswith("Class-conditional runs at equal steps") and blank == ""
     # steps 250, 500 and the last step every conditional run reached (500: the per-class run's 5 evaluations)
     assert lines[0] == "| model | score | step 250 | step 500 |"
     assert lines[2] == "| SAGAN, class-conditional | EMA's class read back | 50.0% (45.0%-55.0%) | 80.0% (75.0%-85.0%) |"

@@ -430,7 +430,7 @@ def test_latest_is_written_by_time_as_well_as_by_steps(tmp_path):
 
     train.train(config, on_sample=record)
     middle = sorted(set(seen) - {0})
-    assert len(middle) >= 2 and middle[-1] < 30, "checkpoints between the start and the end, by time alone"
+    assert len(middle) >= 2, "checkpoints between the start and the end, by time alone (none is due by steps)"
     assert not list((run_dir / "checkpoints").glob("step_*.pt")), "step copies stay step-based"
 
 
