@@ -146,7 +146,7 @@ def machine_line(summary: dict, threads: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- the two datasets
 
-def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
+def mnist(args: argparse.Namespace, plan: study.Plan, tag: str) -> tuple[dict, str]:
     """Train (or resume) the baseline, SAGAN and the conditional SAGAN x seeds, then publish."""
     out, demo, weights = Path(args.runs) / "mnist", Path(args.demo), Path(args.weights)
     models = {arm: (args.recipe, arm, f"{ARMS[arm].weights}_mnist.pt") for arm in ARMS}
@@ -169,8 +169,9 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     floor = evaluate.floor("mnist", plan.final_n, data_root=plan.data_root)
     labels = {f"{recipe}/{arm}": (ARMS[arm].label if model != "conditional" else "SAGAN, class-conditional")
               for model, (recipe, arm, _) in models.items()}
-    pictures.plot_fid({**summary, "groups": {name: summary["groups"][name] for name in labels}}, "minutes",
-                      demo / "fid_mnist.png", labels=labels)
+    if tag != "mnist":  # the conditional SAGAN alone: beside the other conditionings of its budget in the folder
+        labels |= {name: pictures.group_label(name) for name, group in study.accuracy_groups(summary).items()
+                   if name not in labels and last in group["milestones"]}
     milestones = [f"{key:g}" for key in plan.milestones]
     protocol = floor["protocol"]
     lines = results_table(summary, labels, floor, milestones, plan.unit, with_accuracy="conditional" in models)
@@ -183,6 +184,8 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
         for axis, name in (("step", "steps"), ("minutes", "minutes")):
             pictures.plot_fid(conditional, axis, demo / f"accuracy_mnist_{name}.png", metric="accuracy", labels=named)
         conditioning = ["", *table] if (table := study.accuracy_table(summary, named)) else []
+    pictures.plot_fid({**summary, "groups": {name: summary["groups"][name] for name in labels}}, "minutes",
+                      demo / f"fid_{tag}.png", labels=labels)
     lines += ["", f"Classifier FID (lower is better) of {plan.final_n} samples against the {protocol['reference_size']} "
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
                   f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G and, where the recipe keeps "
@@ -198,17 +201,17 @@ def mnist(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
     return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
 
 
-def celeba(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
+def celeba(args: argparse.Namespace, plan: study.Plan, tag: str) -> tuple[dict, str]:
     """Train (or resume) the pair on CelebA with one seed, then publish."""
     out, demo, weights = Path(args.runs) / "celeba", Path(args.demo), Path(args.weights)
     seed = args.seeds[0]
     runs = {arm: study.Run(args.recipe, arm, seed, out) for arm in ARMS}
     study.run_all(list(runs.values()), plan, args.jobs)
     summary = study.summarise(out, plan.eval_period, plan.unit)
-    pictures.plot_fid(summary, "step", demo / "fid_celebA.png")
+    pictures.plot_fid(summary, "step", demo / f"fid_{tag}.png")
     pair = {arm: run.folder for arm, run in runs.items()}
     last = f"{plan.legs()[-1]:g}"
-    publish_pictures(pair, demo, "celebA", f"After {int(plan.budget)} steps", CELEBA_QUERIES)
+    publish_pictures(pair, demo, tag, f"After {int(plan.budget)} steps", CELEBA_QUERIES)
     published = {}
     for arm, folder in pair.items():
         path = weights / f"{ARMS[arm].weights}_celeba.pt"
@@ -228,6 +231,13 @@ def celeba(args: argparse.Namespace, plan: study.Plan) -> tuple[dict, str]:
                   f"{plan.threads} thread(s) per arm, {args.jobs} run(s) side by side. {machine_line(summary, plan.threads)}",
               "", "Published generators (fp16, scored from the file):", "", *weights_table(published)]
     return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
+
+
+def demo_tag(dataset: str, models: list[str]) -> str:
+    """The name a publication's table and FID plot carry in demo/ (results_<tag>.md, fid_<tag>.png): the dataset's,
+    or for the conditional SAGAN published alone 'mnist_conditional', so that it leaves the pair's table as it is."""
+    alone = dataset == "mnist" and not {"baseline", "sagan"} & set(models)
+    return f"{DEMO_TAGS[dataset]}_conditional" if alone else DEMO_TAGS[dataset]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                       pause_every=args.pause_every)
     Path(args.demo).mkdir(parents=True, exist_ok=True)
     command = " ".join(["python results.py", *argv])
-    results, table = (mnist if mnist_run else celeba)(args, plan)
+    tag = demo_tag(args.dataset, args.models)
+    results, table = (mnist if mnist_run else celeba)(args, plan, tag)
     table += f"\n\nRegenerate: `{command}`.\n"
-    tag = DEMO_TAGS[args.dataset]
     (Path(args.demo) / f"results_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     (Path(args.demo) / f"results_{tag}.md").write_text(table)
     print(table)

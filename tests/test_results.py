@@ -80,6 +80,21 @@ def test_results_publishes_the_pair_then_every_file_and_its_weights_reproduce_th
             rescored = evaluate.evaluate(weights / name, n, data_root=data_root)
         assert round(rescored["classifier_fid"], 2) == score["value"]
 
+    # the conditional SAGAN alone, beside another conditioning that study.py trained into the same folder: its own
+    # table and FID plot, the pair's table left as it is
+    pair_table = (demo / "results_mnist.md").stat().st_mtime
+    other = _run("study.py", "--recipes", "conditional+per-class", "--seeds", "0", "--minutes", "0.1", "--milestones", "0.1",
+                 "--eval-minutes", "0.05", "--eval-n", "200", "--final-n", str(n), "--threads", "1", "--jobs", "1",
+                 "--data-root", str(data_root), "--out", "runs/mnist", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-3000:]
+    alone = _run("results.py", "mnist", *settings, "--jobs", "1", "--models", "conditional", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert (demo / "results_mnist.md").stat().st_mtime == pair_table
+    assert (demo / "fid_mnist_conditional.png").stat().st_size > 0
+    table = (demo / "results_mnist_conditional.md").read_text()
+    assert "| SAGAN, class-conditional | 1 |" in table and "| SAGAN, conditional+per-class | 1 |" in table
+    assert "| SAGAN | 1 |" not in table and "dcgan_mnist.pt" not in table
+
 
 def _milestone(fid: float, ema_fid: float | None) -> dict:
     return {"fid": fid, "ema_fid": ema_fid, "step": 100}
