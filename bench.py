@@ -119,7 +119,6 @@ def measure_training(args: argparse.Namespace) -> dict:
     """Images per second of train.train_step and of G.sample, as train.py runs them."""
     import train
     from models import sample_inputs
-    from utils import precision_name
 
     state = training_state(args)
     batch = state.config.batch_size
@@ -132,7 +131,7 @@ def measure_training(args: argparse.Namespace) -> dict:
     result = {
         "machine": machine(args.threads), "model": args.model, "attn": args.attn, "batch_size": batch, "steps": steps,
         "threads": torch.get_num_threads(), "channels_last": state.memory_format == torch.channels_last,
-        "compile": args.compile, "precision": precision_name(state.amp_dtype),
+        "compile": args.compile, "precision": state.precision,
         "spectral_norm": args.spectral_norm, "reuse_fakes": state.config.reuse_fakes,
         "train_img_per_s": round(batch * steps / sum(step_times), 2), "step_s_median": round(statistics.median(step_times), 4),
         "warmup_s": round(warmup_s, 2), "sample_img_per_s": round(args.sample_batch / statistics.median(sample_times), 2),
@@ -393,7 +392,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="experiment: memory format (default: TrainConfig's, channels_last on the CPU)")
     parser.add_argument("--compile", action="store_true", help="experiment: torch.compile G and D")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="experiment: autocast dtype")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "bf16-sim"), help="experiment: autocast dtype (bf16-sim: bf16 numbers, fp32 kernels)")
     parser.add_argument("--reuse-fakes", action=argparse.BooleanOptionalAction, default=None,
                         help="experiment: one G forward per step, or two (default: TrainConfig's, one)")
     parser.add_argument("--no-spectral-norm", dest="spectral_norm", action="store_false",

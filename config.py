@@ -20,7 +20,7 @@ from blocks import CONDITIONINGS, INITS
 from models import model_module
 
 LOSSES = ("hinge", "nonsaturating", "wgan-gp")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-sim")
 
 
 def _field(default, help: str):
@@ -84,7 +84,8 @@ class TrainConfig:
     # machine
     device: str = _field("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     precision: str = _field("auto", "auto (bf16 where the GPU or CPU runs it natively, fp16 on older GPUs, fp32 "
-                                    "elsewhere), fp32, bf16 or fp16")
+                                    "elsewhere), fp32, bf16, fp16, or bf16-sim (CPU: bf16's numbers at fp32's speed "
+                                    "where bf16 is not native, to measure what bf16 does to training)")
     channels_last: bool | None = _field(None, "channels_last memory format (default: on for the CPU, off on CUDA and MPS)")
     compile: bool = _field(False, "torch.compile G and D")
     threads: int = _field(0, "CPU threads for torch (0: torch's default)")

@@ -28,7 +28,7 @@ from config import TrainConfig, arm_of
 from distributed import Job, shared_choice
 from models import class_rows, noise
 from state import TrainState
-from utils import cpu_features, cpu_name, precision_name, to_unit_range
+from utils import cpu_features, cpu_name, to_unit_range
 
 GRID_CLASSES = 16  # a conditional run's sample grid shows the first 16 classes, one row each
 
@@ -72,7 +72,7 @@ def record_session(state: TrainState, run_dir: Path) -> None:
     """Append what this start or resume of the run runs on, so a run trained over several sessions (and machines)
     says which precision and CPU each part had."""
     line = {"started": datetime.now().astimezone().isoformat(timespec="seconds"), "step": state.step,
-            "device": str(state.device), "precision": precision_name(state.amp_dtype), "threads": torch.get_num_threads(),
+            "device": str(state.device), "precision": state.precision, "threads": torch.get_num_threads(),
             "world_size": state.job.world_size, "cpu": cpu_name(), **cpu_features(), "torch": torch.__version__}
     with open(run_dir / "sessions.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")

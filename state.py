@@ -25,7 +25,7 @@ from config import ConfigError, TrainConfig, check_resumable
 from distributed import Job, noise_seed
 from ema import standing_statistics
 from models import build_models, noise, sample_inputs
-from utils import autocast_dtype, memory_format_for
+from utils import SimulatedBf16, autocast_dtype, memory_format_for, precision_name
 
 
 @dataclass
@@ -59,6 +59,15 @@ class TrainState:
 
     def autocast(self):
         return nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def numerics(self):
+        """What a whole training step (backward included) runs in: SimulatedBf16 for precision 'bf16-sim'."""
+        return SimulatedBf16() if self.config.precision == "bf16-sim" else nullcontext()
+
+    @property
+    def precision(self) -> str:
+        """What training computes in, as runs record it: 'fp32', 'bf16', 'fp16' or 'bf16-sim'."""
+        return "bf16-sim" if self.config.precision == "bf16-sim" else precision_name(self.amp_dtype)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -167,6 +176,8 @@ class TrainState:
 
 def build_state(config: TrainConfig, dataset: Dataset, device: torch.device, job: Job = Job()) -> TrainState:
     """Fresh models, optimizers and loader for `config` on `device` (this process's share under torchrun)."""
+    if config.precision == "bf16-sim" and device.type != "cpu":
+        raise ConfigError(f"precision 'bf16-sim' simulates bf16 on a CPU; on {device} use 'bf16' (or 'auto')")
     settings = dataclasses.asdict(config)
     G, D = build_models(settings)
     if config.sync_bn and job.enabled:

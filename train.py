@@ -33,7 +33,7 @@ from config import (ARMS, LOSSES, RECIPES, WHOLE_RECIPES, ConfigError, TrainConf
 from distributed import any_process, mean_over_processes
 from ema import update_ema
 from state import TrainState, build_state
-from utils import Stopwatch, closing, precision_name, stop_at_step_boundary
+from utils import Stopwatch, closing, stop_at_step_boundary
 
 
 class NonFiniteLossError(RuntimeError):
@@ -171,11 +171,12 @@ def train_step(state: TrainState) -> dict[str, torch.Tensor]:
         for optimizer, lr in ((state.opt_G, state.config.g_lr), (state.opt_D, state.config.d_lr)):
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale
-    for _ in range(state.config.d_steps - 1):
-        discriminator_step(state)
-    fakes = fakes_for_G(state) if state.config.reuse_fakes else None
-    metrics = discriminator_step(state, fakes)
-    metrics |= generator_step(state, fakes)
+    with state.numerics():
+        for _ in range(state.config.d_steps - 1):
+            discriminator_step(state)
+        fakes = fakes_for_G(state) if state.config.reuse_fakes else None
+        metrics = discriminator_step(state, fakes)
+        metrics |= generator_step(state, fakes)
     state.step += 1
     return metrics
 
@@ -252,7 +253,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     log = rundir.RunLog(run_dir, log_columns(state, scorer), state.step) if job.is_main else None
     if job.is_main:
         rundir.record_session(state, run_dir)
-    progress = progress_bar(config, state.step, precision_name(state.amp_dtype), disable=config.quiet or not job.is_main)
+    progress = progress_bar(config, state.step, state.precision, disable=config.quiet or not job.is_main)
     clock = Stopwatch(state.wall_time, state.cpu_time)
     logged_at, images_since = state.wall_time, 0
     def finished() -> bool:

@@ -8,6 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -43,7 +47,8 @@ def cpu_features() -> dict[str, bool]:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting ('auto', 'fp32', 'bf16' or 'fp16') on a device; None means fp32.
+    """The autocast dtype for a precision setting ('auto', 'fp32', 'bf16', 'bf16-sim' or 'fp16') on a device; None
+    means fp32.
 
     'auto' is bf16 on CUDA GPUs that have it (fp16 on older ones) and on CPUs that run bf16 natively (AMX or
     AVX512-BF16: a 64x64 step 2.3x faster on an AMX Xeon); fp32 on other CPUs, where bf16 is emulated and a
@@ -53,12 +58,41 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         features = cpu_features()
         return torch.bfloat16 if device.type == "cpu" and (features["amx"] or features["avx512_bf16"]) else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return {"fp32": None, "bf16": torch.bfloat16, "bf16-sim": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
     """'fp32', 'bf16' or 'fp16': how a resolved autocast dtype is reported."""
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+class SimulatedBf16(TorchDispatchMode):
+    """bf16 autocast's numbers at about fp32's speed on a CPU without native bf16 (precision 'bf16-sim'), to measure
+    what bf16 does to training where it would otherwise cost 20x (BENCHMARKS.md). Without AVX512-BF16 or AMX, torch
+    runs bf16 convolutions, matrix products and attention on slow generic kernels; in this mode those ops compute in
+    fp32 on the bf16 values and round each result that the bf16 kernel returns in bf16 to bf16. Products of bf16
+    numbers are exact in fp32 and native kernels also sum in fp32, so the numbers differ from native bf16 only in the
+    order of the sums (and attention's softmax weights, which stay fp32 for the value product). Every other op runs
+    in bf16 as autocast makes it. Active for the whole step, backward included."""
+
+    OPS = {aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.addmm.default,
+           aten.bmm.default, aten.baddbmm.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
+           aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.OPS or not any(_is_bf16(leaf) for leaf in pytree.tree_leaves((args, kwargs))):
+            return func(*args, **kwargs)
+        on_meta = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        native = func(*on_meta[0], **on_meta[1])  # the dtypes the bf16 kernel returns, without computing anything
+        in_fp32 = pytree.tree_map_only(torch.Tensor, lambda t: t.float() if _is_bf16(t) else t, (args, kwargs))
+        result = func(*in_fp32[0], **in_fp32[1])
+        return pytree.tree_map(lambda out, like: out.to(like.dtype) if isinstance(out, torch.Tensor) else out,
+                               result, native)
+
+
+def _is_bf16(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16
 
 
 def memory_format_for(device: torch.device, channels_last: bool | None = None) -> torch.memory_format:

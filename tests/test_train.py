@@ -14,11 +14,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 import train
-from checkpoint import atomic_save, load_checkpoint, load_generator
-from config import ConfigError, TrainConfig
+from checkpoint import atomic_save, load_checkpoint, load_generator, read_config
+from config import ConfigError, TrainConfig, resumed_config
 from ema import standing_statistics
 from models import build_models
-from rundir import last_logged_step
+from rundir import last_logged_step, read_sessions
 from state import build_state
 from train import NonFiniteLossError
 from utils import Stopwatch
@@ -516,15 +516,27 @@ def test_conditional_training_needs_labelled_data(tmp_path):
         TrainConfig(num_classes=10)
 
 
-def test_a_bf16_step_trains_G_and_D_with_finite_losses(tmp_path):
-    state = _state(tmp_path, precision="bf16", batch_size=4)
-    assert state.amp_dtype == torch.bfloat16
+@pytest.mark.parametrize("precision", ["bf16", "bf16-sim"])
+def test_a_bf16_step_trains_G_and_D_with_finite_losses(tmp_path, precision):
+    state = _state(tmp_path, precision=precision, batch_size=4)
+    assert state.amp_dtype == torch.bfloat16 and state.precision == precision
     G0, D0 = _snapshot(state.G), _snapshot(state.D)
     metrics = train.train_step(state)
     assert all(torch.isfinite(value) for value in metrics.values())
     assert any(not torch.equal(G0[k], v) for k, v in state.G.state_dict().items() if "weight" in k)
     assert any(not torch.equal(D0[k], v) for k, v in state.D.state_dict().items() if "weight" in k)
     assert all(p.dtype == torch.float32 for p in [*state.G.parameters(), *state.D.parameters()]), "weights stay fp32"
+
+
+def test_each_start_of_a_run_records_the_precision_it_trained_in(tmp_path):
+    run_dir = train.train(tiny(tmp_path, steps=2, precision="bf16-sim"))
+    train.train(resumed_config(read_config(run_dir), steps=3, precision="fp32"), resume=True)
+    assert [(s["step"], s["precision"]) for s in read_sessions(run_dir)] == [(0, "bf16-sim"), (2, "fp32")]
+
+
+def test_bf16_sim_refuses_a_device_other_than_the_cpu(tmp_path):
+    with pytest.raises(ConfigError, match="'bf16-sim' simulates bf16 on a CPU; on meta use 'bf16'"):
+        build_state(tiny(tmp_path, precision="bf16-sim"), None, torch.device("meta"))
 
 
 @pytest.mark.parametrize("step, expected", [(1, 0.0), (4, 0.0), (5, 0.5 ** (1 / 0.5)), (40, 0.5 ** (1 / 4)), (10_000, 0.99)])

@@ -1,4 +1,5 @@
 """utils: the device and precision choice, CPU features, image range."""
+import contextlib
 import pytest
 import torch
 
@@ -37,3 +38,64 @@ def test_asking_for_a_missing_accelerator_says_so():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             utils.pick_device("cuda")
+
+
+def _conv(x, w):
+    return torch.nn.functional.conv2d(x, w, stride=2, padding=1)
+
+
+def _conv_transpose(x, w):
+    return torch.nn.functional.conv_transpose2d(x, w, stride=2, padding=1)
+
+
+def _attention(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+
+
+SIMULATED_OPS = {  # the ops of G and D that SimulatedBf16 computes in fp32, with inputs of their shapes in the models
+    "conv2d": (_conv, [(4, 32, 14, 14), (16, 32, 4, 4)]),
+    "conv_transpose2d": (_conv_transpose, [(4, 32, 7, 7), (32, 16, 4, 4)]),
+    "linear": (torch.nn.functional.linear, [(4, 128), (64, 128)]),
+    "attention": (_attention, [(2, 1, 196, 8), (2, 1, 196, 8), (2, 1, 196, 16)]),
+}
+
+
+def _bf16_autocast(op, inputs, simulate, grad_out=None):
+    """op's output under bf16 autocast and, given the output's gradient, the inputs' gradients."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with utils.SimulatedBf16() if simulate else contextlib.nullcontext():
+        with torch.autocast("cpu", torch.bfloat16):
+            out = op(*leaves)
+        if grad_out is not None:
+            out.backward(grad_out.to(out.dtype))
+    return out, [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("name", SIMULATED_OPS)
+def test_simulated_bf16_rounds_fp32_arithmetic_on_bf16_values_once_forward_and_backward(name):
+    op, shapes = SIMULATED_OPS[name]
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(shape, generator=generator) for shape in shapes]
+    native_out, _ = _bf16_autocast(op, inputs, simulate=False)
+    grad_out = torch.randn(native_out.shape, generator=generator)
+    out, grads = _bf16_autocast(op, inputs, simulate=True, grad_out=grad_out)
+    assert out.dtype == native_out.dtype == torch.bfloat16  # what autocast's own kernel returns
+    # the definition: fp32 arithmetic on the bf16 values, each result rounded to bf16 once (as AMX and AVX512-BF16
+    # kernels do; torch's generic kernels round more often in transposed convolutions and convolution gradients)
+    rounded = [t.bfloat16().float().requires_grad_() for t in inputs]
+    expected = op(*rounded)
+    expected.backward(grad_out.bfloat16().float())
+    assert torch.equal(out, expected.bfloat16())
+    for grad, leaf in zip(grads, rounded):
+        assert grad.dtype == torch.float32 and torch.equal(grad, leaf.grad.bfloat16().float())
+
+
+@pytest.mark.parametrize("name", ["conv2d", "linear", "attention"])
+def test_simulated_bf16_matches_native_kernels_that_round_once(name):
+    # torch's bf16 kernels for these ops on this CPU already round once: the simulation gives their numbers
+    op, shapes = SIMULATED_OPS[name]
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(shape, generator=generator) for shape in shapes]
+    native, _ = _bf16_autocast(op, inputs, simulate=False)
+    simulated, _ = _bf16_autocast(op, inputs, simulate=True)
+    torch.testing.assert_close(simulated, native, rtol=2 ** -7, atol=1e-6)  # at most one bf16 rounding step apart
