@@ -332,24 +332,29 @@ def accuracy_groups(summary: dict) -> dict[str, dict]:
 
 def accuracy_table(summary: dict, labels: dict[str, str] | None = None) -> list[str]:
     """The requested class read back, and FID, of the class-conditional groups at equal steps: 250, 500, 1000, ...
-    and the last step every such run reached; of the EMA where runs kept one (the G a weights file publishes),
-    else of the trained G. A sentence saying so, then the table; empty when no group logged it."""
+    and the last step every run of each group reached ('-' past a group's); of the EMA where runs kept one (the G a
+    weights file publishes), else of the trained G. A sentence saying so, then the table; empty when no group
+    logged it."""
     groups = accuracy_groups(summary)
-    end = equal_step(list(groups.values()))
-    if not end:
+    reach = {name: equal_step([group]) for name, group in groups.items()}
+    if not any(reach.values()):
         return []
-    steps = [250 * 2 ** k for k in range(20) if 250 * 2 ** k < end] + [end]
+    last = max(reach.values())
+    steps = sorted({250 * 2 ** k for k in range(20) if 250 * 2 ** k < last} | {end for end in reach.values() if end})
     lines = ["Class-conditional runs at equal steps (each run's last evaluation at or before the step, on the "
-             "evaluation's samples): the share of samples read back as the class asked for, and FID.", "",
+             "evaluation's samples; '-' past the last step every run of the group reached): the share of samples "
+             "read back as the class asked for, and FID.", "",
              "| model | score | " + " | ".join(f"step {step}" for step in steps) + " |",
              "| --- | --- |" + " ---: |" * len(steps)]
     for name, group in groups.items():
         ema = any(point["ema_accuracy"] for point in group["curve"])
         prefix, kept = ("ema_", "EMA's ") if ema else ("", "")
         label = (labels or {}).get(name, name)
-        lines.append(f"| {label} | {kept}class read back | "
-                     + " | ".join(cell(at_step(group, step, prefix + "accuracy"), 1, True) for step in steps) + " |")
-        lines.append(f"| | {kept}FID | " + " | ".join(cell(at_step(group, step, prefix + "fid")) for step in steps) + " |")
+        for score, digits, percent, shown in (("accuracy", 1, True, f"{label} | {kept}class read back"),
+                                             ("fid", 1, False, f"| {kept}FID")):
+            cells = [cell(at_step(group, step, prefix + score), digits, percent) if step <= reach[name] else "-"
+                     for step in steps]
+            lines.append(f"| {shown} | " + " | ".join(cells) + " |")
     return lines
 
 
