@@ -87,9 +87,9 @@ def in_fresh_process(fn, *args):
 
 def machine(threads: int) -> dict:
     """The CPU, its bf16-relevant features and what precision 'auto' picks on it, threads and versions."""
-    from utils import autocast_dtype, cpu_features, cpu_name, precision_name
+    from utils import cpu_features, cpu_name, resolved_precision
 
-    return {"cpu": cpu_name(), **cpu_features(), "auto_precision": precision_name(autocast_dtype("auto", torch.device("cpu"))),
+    return {"cpu": cpu_name(), **cpu_features(), "auto_precision": resolved_precision("auto", torch.device("cpu")),
             "nproc": os.cpu_count(), "threads": threads or torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 

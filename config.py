@@ -84,7 +84,7 @@ class TrainConfig:
     # machine
     device: str = _field("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     precision: str = _field("auto", "auto (bf16 where the GPU or CPU runs it natively, fp16 on older GPUs, fp32 "
-                                    "elsewhere), fp32, bf16, fp16, or bf16-sim (CPU: bf16's numbers at fp32's speed "
+                                    "elsewhere), fp32, bf16, fp16, or bf16-sim (CPU: bf16's numbers at near fp32 speed "
                                     "where bf16 is not native, to measure what bf16 does to training)")
     channels_last: bool | None = _field(None, "channels_last memory format (default: on for the CPU, off on CUDA and MPS)")
     compile: bool = _field(False, "torch.compile G and D")

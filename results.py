@@ -169,10 +169,10 @@ def mnist(args: argparse.Namespace, plan: study.Plan, tag: str) -> tuple[dict, s
     floor = evaluate.floor("mnist", plan.final_n, data_root=plan.data_root)
     labels = {f"{recipe}/{arm}": (ARMS[arm].label if model != "conditional" else "SAGAN, class-conditional")
               for model, (recipe, arm, _) in models.items()}
-    if tag != "mnist":  # the conditional SAGAN alone: beside the other conditionings of its budget in the folder
-        labels |= {name: pictures.group_label(name) for name, group in study.accuracy_groups(summary).items()
-                   if name not in labels and last in group["milestones"]}
     milestones = [f"{key:g}" for key in plan.milestones]
+    if conditional_alone(args.models):  # beside the other conditionings in the folder scored at the same milestones
+        labels |= {name: pictures.group_label(name) for name, group in study.accuracy_groups(summary).items()
+                   if name not in labels and all(key in group["milestones"] for key in milestones)}
     protocol = floor["protocol"]
     lines = results_table(summary, labels, floor, milestones, plan.unit, with_accuracy="conditional" in models)
     conditioning = []  # the conditional SAGAN against any other conditional runs in the folder (another conditioning)
@@ -233,11 +233,16 @@ def celeba(args: argparse.Namespace, plan: study.Plan, tag: str) -> tuple[dict, 
     return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
 
 
+def conditional_alone(models: list[str]) -> bool:
+    """Whether an MNIST publication is of the conditional SAGAN without the pair."""
+    return not {"baseline", "sagan"} & set(models)
+
+
 def demo_tag(dataset: str, models: list[str]) -> str:
     """The name a publication's table and FID plot carry in demo/ (results_<tag>.md, fid_<tag>.png): the dataset's,
-    or for the conditional SAGAN published alone 'mnist_conditional', so that it leaves the pair's table as it is."""
-    alone = dataset == "mnist" and not {"baseline", "sagan"} & set(models)
-    return f"{DEMO_TAGS[dataset]}_conditional" if alone else DEMO_TAGS[dataset]
+    or for the conditional SAGAN published alone 'mnist_conditional', so that it leaves the pair's table as it is
+    (the conditional SAGAN's own files, its grid, accuracy plots and weights, it replaces either way)."""
+    return "mnist_conditional" if dataset == "mnist" and conditional_alone(models) else DEMO_TAGS[dataset]
 
 
 def main(argv: list[str] | None = None) -> int:

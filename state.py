@@ -25,7 +25,7 @@ from config import ConfigError, TrainConfig, check_resumable
 from distributed import Job, noise_seed
 from ema import standing_statistics
 from models import build_models, noise, sample_inputs
-from utils import SimulatedBf16, autocast_dtype, memory_format_for, precision_name
+from utils import SimulatedBf16, autocast_dtype, memory_format_for, resolved_precision
 
 
 @dataclass
@@ -67,7 +67,7 @@ class TrainState:
     @property
     def precision(self) -> str:
         """What training computes in, as runs record it: 'fp32', 'bf16', 'fp16' or 'bf16-sim'."""
-        return "bf16-sim" if self.config.precision == "bf16-sim" else precision_name(self.amp_dtype)
+        return resolved_precision(self.config.precision, self.device)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -178,6 +178,9 @@ def build_state(config: TrainConfig, dataset: Dataset, device: torch.device, job
     """Fresh models, optimizers and loader for `config` on `device` (this process's share under torchrun)."""
     if config.precision == "bf16-sim" and device.type != "cpu":
         raise ConfigError(f"precision 'bf16-sim' simulates bf16 on a CPU; on {device} use 'bf16' (or 'auto')")
+    if config.precision == "bf16-sim" and config.compile:
+        raise ConfigError("precision 'bf16-sim' runs eagerly (torch.compile does not trace through its dispatch mode); "
+                          "drop --compile")
     settings = dataclasses.asdict(config)
     G, D = build_models(settings)
     if config.sync_bn and job.enabled:

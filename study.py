@@ -332,7 +332,7 @@ def accuracy_groups(summary: dict) -> dict[str, dict]:
 
 def accuracy_table(summary: dict, labels: dict[str, str] | None = None) -> list[str]:
     """The requested class read back, and FID, of the class-conditional groups at equal steps: 250, 500, 1000, ...
-    and the last step every run of each group reached ('-' past a group's); of the EMA where runs kept one (the G a
+    and the last step every run of each group reached (blank past a group's); of the EMA where runs kept one (the G a
     weights file publishes), else of the trained G. A sentence saying so, then the table; empty when no group
     logged it."""
     groups = accuracy_groups(summary)
@@ -342,7 +342,7 @@ def accuracy_table(summary: dict, labels: dict[str, str] | None = None) -> list[
     last = max(reach.values())
     steps = sorted({250 * 2 ** k for k in range(20) if 250 * 2 ** k < last} | {end for end in reach.values() if end})
     lines = ["Class-conditional runs at equal steps (each run's last evaluation at or before the step, on the "
-             "evaluation's samples; '-' past the last step every run of the group reached): the share of samples "
+             "evaluation's samples; blank past the last step every run of the group reached): the share of samples "
              "read back as the class asked for, and FID.", "",
              "| model | score | " + " | ".join(f"step {step}" for step in steps) + " |",
              "| --- | --- |" + " ---: |" * len(steps)]
@@ -350,11 +350,11 @@ def accuracy_table(summary: dict, labels: dict[str, str] | None = None) -> list[
         ema = any(point["ema_accuracy"] for point in group["curve"])
         prefix, kept = ("ema_", "EMA's ") if ema else ("", "")
         label = (labels or {}).get(name, name)
-        for score, digits, percent, shown in (("accuracy", 1, True, f"{label} | {kept}class read back"),
-                                             ("fid", 1, False, f"| {kept}FID")):
-            cells = [cell(at_step(group, step, prefix + score), digits, percent) if step <= reach[name] else "-"
+        for score, percent, first_cells in (("accuracy", True, f"{label} | {kept}class read back"),
+                                            ("fid", False, f"| {kept}FID")):  # the FID row's model cell is empty
+            cells = [cell(at_step(group, step, prefix + score), 1, percent) if step <= reach[name] else ""
                      for step in steps]
-            lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+            lines.append(f"| {first_cells} | " + " | ".join(cells) + " |")
     return lines
 
 

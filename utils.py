@@ -66,18 +66,24 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """What a precision setting computes in on a device, as runs and notebooks report it: 'fp32', 'bf16', 'fp16' or
+    'bf16-sim'."""
+    return precision if precision == "bf16-sim" else precision_name(autocast_dtype(precision, device))
+
+
 class SimulatedBf16(TorchDispatchMode):
     """bf16 autocast's numbers at about fp32's speed on a CPU without native bf16 (precision 'bf16-sim'), to measure
     what bf16 does to training where it would otherwise cost 20x (BENCHMARKS.md). Without AVX512-BF16 or AMX, torch
-    runs bf16 convolutions, matrix products and attention on slow generic kernels; in this mode those ops compute in
-    fp32 on the bf16 values and round each result that the bf16 kernel returns in bf16 to bf16. Products of bf16
-    numbers are exact in fp32 and native kernels also sum in fp32, so the numbers differ from native bf16 only in the
-    order of the sums (and attention's softmax weights, which stay fp32 for the value product). Every other op runs
-    in bf16 as autocast makes it. Active for the whole step, backward included."""
+    runs bf16 convolutions and matrix products on slow generic kernels; in this mode they compute in fp32 on the bf16
+    values and round each result to bf16 once. Products of bf16 numbers are exact in fp32 and native kernels sum in
+    fp32, so these numbers differ from native bf16 only in the order of the sums. Attention runs on torch's own bf16
+    kernel (it rounds the softmax weights to bf16 before the value product, on every CPU), and every other op in bf16
+    as autocast makes it. Active for the whole step, backward included; not under torch.compile, which does not
+    trace through a dispatch mode."""
 
     OPS = {aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.addmm.default,
-           aten.bmm.default, aten.baddbmm.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
-           aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
+           aten.bmm.default, aten.baddbmm.default}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

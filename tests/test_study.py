@@ -154,14 +154,14 @@ def test_the_accuracy_table_compares_conditional_groups_at_equal_steps_on_the_g_
                           "conditional+per-class/sagan": per_class}}
     sentence, blank, *lines = study.accuracy_table(summary, {"conditional/sagan": "SAGAN, class-conditional"})
     assert sentence.startswith("Class-conditional runs at equal steps") and blank == ""
-    # steps 250, 500 and the last step every run of each group reached (per-class 500, shared 600), '-' past it
+    # steps 250, 500 and the last step every run of each group reached (per-class 500, shared 600), blank past it
     assert lines[0] == "| model | score | step 250 | step 500 | step 600 |"
     assert lines[2] == ("| SAGAN, class-conditional | EMA's class read back | 50.0% (45.0%-55.0%) | 80.0% (75.0%-85.0%) "
                         "| 90.0% (85.0%-95.0%) |")
     assert lines[3] == "| | EMA's FID | 91.0 (91.0-91.0) | 61.0 (61.0-61.0) | 51.0 (51.0-51.0) |"  # FIDs 90, 60, 50, +1
     assert lines[4] == ("| conditional+per-class/sagan | class read back | 10.0% (10.0%-10.0%) | 30.0% (30.0%-30.0%) "
-                        "| - |")
-    assert lines[5] == "| | FID | 90.0 (90.0-90.0) | 60.0 (60.0-60.0) | - |"
+                        "|  |")
+    assert lines[5] == "| | FID | 90.0 (90.0-90.0) | 60.0 (60.0-60.0) |  |"
     assert len(lines) == 6
     assert "\n".join(study.accuracy_table(summary)) in study.markdown(summary)  # the study's summary.md has it
     assert study.accuracy_table({"groups": {"default/sagan": unconditional}}) == []

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import train
+import utils
 from checkpoint import atomic_save, load_checkpoint, load_generator, read_config
 from config import ConfigError, TrainConfig, resumed_config
 from ema import standing_statistics
@@ -534,9 +535,26 @@ def test_each_start_of_a_run_records_the_precision_it_trained_in(tmp_path):
     assert [(s["step"], s["precision"]) for s in read_sessions(run_dir)] == [(0, "bf16-sim"), (2, "fp32")]
 
 
-def test_bf16_sim_refuses_a_device_other_than_the_cpu(tmp_path):
+def test_bf16_sim_refuses_a_device_other_than_the_cpu_and_compile(tmp_path):
     with pytest.raises(ConfigError, match="'bf16-sim' simulates bf16 on a CPU; on meta use 'bf16'"):
         build_state(tiny(tmp_path, precision="bf16-sim"), None, torch.device("meta"))
+    with pytest.raises(ConfigError, match="'bf16-sim' runs eagerly .* drop --compile"):
+        build_state(tiny(tmp_path, precision="bf16-sim", compile=True), None, torch.device("cpu"))
+
+
+def test_a_bf16_sim_step_runs_its_convolutions_and_products_through_the_simulation(tmp_path, monkeypatch):
+    simulated = set()
+    dispatch = utils.SimulatedBf16.__torch_dispatch__
+
+    def recording(self, func, types, args=(), kwargs=None):
+        if func in self.OPS and any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in args):
+            simulated.add(func)
+        return dispatch(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(utils.SimulatedBf16, "__torch_dispatch__", recording)
+    train.train_step(_state(tmp_path, precision="bf16-sim", batch_size=4))
+    aten = torch.ops.aten
+    assert {aten.convolution.default, aten.convolution_backward.default, aten.addmm.default} <= simulated
 
 
 @pytest.mark.parametrize("step, expected", [(1, 0.0), (4, 0.0), (5, 0.5 ** (1 / 0.5)), (40, 0.5 ** (1 / 4)), (10_000, 0.99)])
