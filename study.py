@@ -4,6 +4,7 @@ summarised over seeds (median and range).
     python study.py --recipes default stage-1 --arms sagan baseline --seeds 0 1 2 --minutes 30 --jobs 2
     python study.py --dataset celeba --arms baseline sagan --seeds 0 --steps 5000 --eval-every 250 --jobs 2
     python study.py --summarise runs/study        # tables and plots of whatever the folder holds
+    python study.py --summarise runs/precision/fp32 runs/precision/bf16-sim --steps 1000 --out runs/precision
 
 A recipe is config.py's: 'default', 'original', or changes joined by '+' ('stage-1+betas-0.5'). Each run is a
 real training run (train.train on a TrainConfig) in a fresh process with --threads threads, --jobs of them side by
@@ -288,12 +289,25 @@ def summarise_runs(groups: dict[str, list[Path]], period: float = 1.0, unit: str
                        for name, folders in groups.items()}}
 
 
-def summarise(out: Path, period: float = 1.0, unit: str = "minutes") -> dict:
-    """summary.json, summary.md and the FID plots of a study folder; returns the summary."""
+def merged_groups(folders: list[Path]) -> dict[str, list[Path]]:
+    """The groups of one study folder, or of several with each recipe named after its folder ('bf16-sim: default/sagan'),
+    so that studies trained apart (in another precision, on another machine) are summarised side by side."""
+    if len(folders) == 1:
+        return study_groups(folders[0])
+    names = [Path(folder).name for folder in folders]
+    if len(set(names)) < len(names):
+        raise ValueError(f"study folders summarised together need different names (they name the groups): {names}")
+    return {f"{Path(folder).name}: {name}": runs for folder in folders for name, runs in study_groups(folder).items()}
+
+
+def summarise(out: Path, period: float = 1.0, unit: str = "minutes", folders: list[Path] | None = None) -> dict:
+    """summary.json, summary.md and the FID plots of a study folder (or of `folders` side by side, written to `out`);
+    returns the summary."""
     import pictures
 
     out = Path(out)
-    summary = summarise_runs(study_groups(out), period, unit)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise_runs(merged_groups(folders or [out]), period, unit)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(markdown(summary))
     if not any(group["curve"] for group in summary["groups"].values()):
@@ -453,8 +467,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                         help="train.py flags for every run (must come last), e.g. --train-args --sample-every 50")
     parser.add_argument("--data-root", help="default: $SAGAN_DATA, else ./data")
-    parser.add_argument("--out", default="runs/study", help="the study folder: out/<recipe>/<arm>-seed<k>")
-    parser.add_argument("--summarise", metavar="FOLDER", help="only summarise this study folder")
+    parser.add_argument("--out", help="the study folder: out/<recipe>/<arm>-seed<k> (default runs/study); with several "
+                                      "--summarise folders, where their joint summary goes")
+    parser.add_argument("--summarise", nargs="+", metavar="FOLDER",
+                        help="only summarise this study folder, or several side by side into --out (each group named "
+                             "after its folder; with --steps, against steps)")
     args = parser.parse_args(argv)
     overrides = train_overrides(args.train_args)
     if args.ema:
@@ -467,14 +484,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
                 milestones=tuple(args.milestones), eval_period=args.eval_every if by_steps else args.eval_minutes,
                 eval_n=args.eval_n, final_n=args.final_n, clock=args.clock, threads=args.threads, overrides=overrides,
                 pause_every=args.pause_every)
-    args.out = Path(args.out).resolve()
+    if args.summarise and len(args.summarise) > 1 and not args.out:
+        parser.error("--summarise with several folders needs --out, the folder their joint summary and plots go to")
+    args.out = Path(args.out or "runs/study").resolve()
     return args, plan
 
 
 def main(argv: list[str] | None = None) -> int:
     args, plan = parse_args(argv)
     if args.summarise:
-        print(markdown(summarise(Path(args.summarise), plan.eval_period, plan.unit)))
+        folders = [Path(folder) for folder in args.summarise]
+        out = folders[0] if len(folders) == 1 else args.out
+        print(markdown(summarise(out, plan.eval_period, plan.unit, folders)))
         return 0
     runs = list(dict.fromkeys(Run(recipe, arm, seed, args.out)  # 'ema' and 'default+ema' are one run
                               for recipe in args.recipes for seed in args.seeds for arm in args.arms))

@@ -206,3 +206,32 @@ def test_recipe_names_on_the_command_line_have_one_spelling_and_a_study_runs_eac
     assert study.recipe_name("default+ema") == "ema"
     runs = {study.Run(recipe, "sagan", 0, Path("out")) for recipe in ("ema", "default+ema")}
     assert len(runs) == 1 and next(iter(runs)).folder == Path("out") / "ema" / "sagan-seed0"
+
+
+def _logged_run(folder: Path, fids: list[float], precision: str) -> None:
+    """A run folder as train.py leaves it: its config and one evaluation every 10 steps."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"dataset": "mnist", "clock": "cpu", "batch_size": 64, "seed": 0,
+                                                    "threads": 1, "attn": True, "precision": precision}))
+    rows = "".join(f"{10 * (k + 1)},1.5,{60.0 * (k + 1)},{fid}\n" for k, fid in enumerate(fids))
+    (folder / "metrics.csv").write_text("step,d_loss,cpu_time,classifier_fid\n" + rows)
+
+
+def test_studies_trained_apart_are_summarised_side_by_side_each_group_named_after_its_folder(tmp_path, capsys):
+    _logged_run(tmp_path / "fp32" / "default" / "sagan-seed0", [300.0, 200.0], "fp32")
+    _logged_run(tmp_path / "bf16-sim" / "default" / "sagan-seed0", [310.0, 150.0], "bf16-sim")
+    out = tmp_path / "both"
+    assert study.main(["--summarise", str(tmp_path / "fp32"), str(tmp_path / "bf16-sim"), "--steps", "20",
+                       "--eval-every", "10", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unit"] == "steps"
+    curves = {name: [point["fid"]["median"] for point in group["curve"]] for name, group in summary["groups"].items()}
+    assert curves == {"fp32: default/sagan": [300.0, 200.0], "bf16-sim: default/sagan": [310.0, 150.0]}
+    assert "| bf16-sim: default/sagan |" in capsys.readouterr().out and (out / "fid_vs_images.png").exists()
+    assert not (tmp_path / "fp32" / "summary.json").exists(), "a joint summary goes to --out, not into a study"
+    with pytest.raises(SystemExit):  # several folders and nowhere to put their summary
+        study.main(["--summarise", str(tmp_path / "fp32"), str(tmp_path / "bf16-sim")])
+    assert "needs --out" in capsys.readouterr().err
+    _logged_run(tmp_path / "other" / "fp32" / "default" / "sagan-seed0", [1.0], "fp32")
+    with pytest.raises(ValueError, match="need different names"):
+        study.summarise(out, folders=[tmp_path / "fp32", tmp_path / "other" / "fp32"])
