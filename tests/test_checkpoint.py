@@ -29,8 +29,9 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], capture_output=True, text=True, cwd=cwd,
+def _script(*args: str, cwd: Path, code: Path = ROOT) -> subprocess.CompletedProcess:
+    """Runs one of the project's scripts (args[0]) from `code`: this checkout, or an older commit's files."""
+    return subprocess.run([sys.executable, str(code / args[0]), *args[1:]], capture_output=True, text=True, cwd=cwd,
                           timeout=300)
 
 
@@ -154,9 +155,8 @@ def test_a_run_folder_written_by_an_earlier_version_resumes_bitwise(tmp_path):
         run_dir = tmp_path / f"run_{name}"
         shutil.copytree(ROOT / "tests" / "fixtures" / f"run_{commit}", run_dir)
         # fp32 as that commit's 'auto' was on every CPU (today's picks bf16 on CPUs that run it natively)
-        resumed = subprocess.run([sys.executable, str(code / "train.py"), "--resume", str(run_dir), "--steps", "6",
-                                  "--precision", "fp32", "--quiet"], capture_output=True, text=True, cwd=tmp_path,
-                                 timeout=300)
+        resumed = _script("train.py", "--resume", str(run_dir), "--steps", "6", "--precision", "fp32", "--quiet",
+                          cwd=tmp_path, code=code)
         assert resumed.returncode == 0, f"{name}: {resumed.stderr}"
         checkpoint = load_checkpoint(run_dir)
         assert checkpoint["step"] == 6
