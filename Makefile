@@ -26,11 +26,11 @@ demo: install
 
 # The commands behind the published results (demo/results_*.md, GIFs, curves, attention maps, weights/); they resume
 # runs/results. MNIST: 3 seeds x (baseline, SAGAN, conditional SAGAN) of the default recipe, 30 CPU-minutes each,
-# scored at 10 and 30, two runs side by side on one thread each. CelebA: the pair, 5,000 steps, side by side (hours),
-# with the recipe it trains with (stage-1, the default before the recipe study's stage 2, with an EMA of G).
+# scored at 10 and 30, two runs side by side on one thread each. CelebA: the pair, 5,000 steps of the default recipe,
+# side by side (hours).
 results: install
 	$(PY) results.py mnist --minutes 30 --milestones 10 30 --seeds 0 1 2 --threads 1 --jobs 2
-	$(PY) results.py celeba --recipe stage-1+ema --steps 5000 --eval-every 500 --curve-n 500 --threads 1 --jobs 2
+	$(PY) results.py celeba --recipe default --steps 5000 --eval-every 500 --curve-n 500 --threads 1 --jobs 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache

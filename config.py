@@ -172,7 +172,7 @@ ORIGINAL = dict(g_lr=1e-4, d_lr=4e-4, beta1=0.0, beta2=0.9, batch_size=64, loss=
 RECIPES = {
     "default": {},
     "original": ORIGINAL,
-    # the default from the recipe study's stage 1 until its stage 2 (the CelebA pair trained with it)
+    # the default from the recipe study's stage 1 until its stage 2 (the CelebA pair's lost first attempts trained with it)
     "stage-1": dict(batch_size=64, g_lr=2e-4, d_lr=2e-4, reuse_fakes=False, ema_decay=0.0, ema_rampup=0.0),
     "reuse-fakes": dict(reuse_fakes=True),
     "lr-2e-4": dict(g_lr=2e-4, d_lr=2e-4),
