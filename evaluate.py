@@ -19,6 +19,7 @@ What was checked of the claim that it is the network of the standard TF FID (inc
 No published statistic could be reproduced offline (reference statistics are themselves downloads).
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -26,8 +27,13 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -350,17 +356,29 @@ def _cache_dir() -> Path:
 
 def _cached(name: str, protocol: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Arrays computed once and kept on disk (under $SAGAN_CACHE or ~/.cache/sagan-eval) in a file whose name hashes
-    `protocol`, everything they depend on, so a change never reuses stale ones."""
+    `protocol`, everything they depend on, so a change never reuses stale ones. Processes that need the same file
+    at once (runs side by side scoring their first evaluation) compute it once: the others wait and read it."""
     cache = _cache_dir() / f"{name}_{hashlib.sha1(protocol.encode()).hexdigest()[:12]}.npz"
-    if cache.is_file():
-        with np.load(cache) as stored:
-            return dict(stored)
-    arrays = compute()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_name(f".{cache.stem}.{os.getpid()}.npz")  # two processes may compute it at once
-    np.savez(partial, **arrays)
-    partial.replace(cache)
-    return arrays
+    with _exclusive(cache.with_name(f".{cache.stem}.lock")):
+        if cache.is_file():
+            with np.load(cache) as stored:
+                return dict(stored)
+        arrays = compute()
+        partial = cache.with_name(f".{cache.stem}.{os.getpid()}.npz")  # a killed writer never leaves half a file
+        np.savez(partial, **arrays)
+        partial.replace(cache)
+        return arrays
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (released by the OS if the process dies; on Windows, no lock: two
+    processes may then both compute a cache file)."""
+    with open(lock, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 @functools.lru_cache(maxsize=4)

@@ -237,6 +237,39 @@ def test_inception_features_match_the_packages_own_extractor(data_root, monkeypa
     assert np.array_equal(evaluate.inception_features(faces), ours)  # deterministic run to run
 
 
+_COMPUTE_ONCE = """
+import os, sys, time
+from pathlib import Path
+import numpy as np
+import evaluate
+
+folder = Path(sys.argv[1])
+
+def compute():
+    with open(folder / "computed.log", "a") as handle:
+        handle.write("computed\\n")
+    while len(list(folder.glob("*.ready"))) < 2:  # until the other process asks for the same file too
+        time.sleep(0.05)
+    time.sleep(1)
+    return {"x": np.arange(3)}
+
+(folder / f"{os.getpid()}.ready").touch()
+print(evaluate._cached("reference", "one protocol", compute)["x"].tolist())
+"""
+
+
+@pytest.mark.slow
+def test_processes_that_need_the_same_cache_file_at_once_compute_it_once(tmp_path):
+    """Runs side by side reach their first evaluation together: one computes the reference statistics, the other
+    waits for its file instead of spending the same CPU-minutes again."""
+    root = evaluate.Path(evaluate.__file__).parent
+    env = {**evaluate.os.environ, "SAGAN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(root)}
+    processes = [subprocess.Popen([sys.executable, "-c", _COMPUTE_ONCE, str(tmp_path)], stdout=subprocess.PIPE,
+                                  text=True, env=env) for _ in range(2)]
+    assert [process.communicate(timeout=120)[0] for process in processes] == ["[0, 1, 2]\n"] * 2
+    assert (tmp_path / "computed.log").read_text().splitlines() == ["computed"]
+
+
 def test_the_reference_digits_features_are_computed_once_and_kept_on_disk_by_pixels_and_classifier(
         data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("SAGAN_CACHE", str(tmp_path / "cache"))
