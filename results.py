@@ -297,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.demo).mkdir(parents=True, exist_ok=True)
     command = " ".join(["python results.py", *argv])
     tag = demo_tag(args.dataset, args.models)
-    results, table = (mnist if mnist_run else celeba)(args, plan, tag)
+    try:
+        results, table = (mnist if mnist_run else celeba)(args, plan, tag)
+    except KeyboardInterrupt as interrupt:
+        print(interrupt or "Interrupted: the runs are checkpointed; the same command resumes them and publishes.",
+              file=sys.stderr)
+        return 130
     table += f"\n\nRegenerate: `{command}`.\n"
     (Path(args.demo) / f"results_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     (Path(args.demo) / f"results_{tag}.md").write_text(table)

@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -175,22 +175,36 @@ def execute(run: Run, plan: Plan, until: float) -> None:
 def run_all(runs: list[Run], plan: Plan, jobs: int) -> None:
     """Every run, `jobs` at a time, each leg in a fresh process whose OpenMP uses plan.threads threads. Legs go in
     rounds (every run to the first pause, then every run to the next), so that runs waiting for a job and a study
-    stopped part way have advanced together. Legs a run's record has done start no process."""
+    stopped part way have advanced together. Legs a run's record has done start no process.
+
+    Ctrl-C (to the process group, as a terminal sends it) stops the study: the running runs checkpoint at their next
+    step boundary, runs waiting for a job do not start, and KeyboardInterrupt says how to resume."""
     for run in runs:  # before any work: a folder that trained as another recipe stops the study here, named
         plan.config(run)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(plan.threads)  # read when a worker starts
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
-        for leg in plan.legs():
-            futures = {pool.submit(execute, run, plan, leg): run for run in runs
-                       if not plan.finished(read_record(run.record_path), leg)}
-            for future, run in futures.items():
-                try:
-                    future.result()
-                except Exception as error:
-                    raise RuntimeError(f"{run.folder} failed ({type(error).__name__}: {error}); "
-                                       f"see {run.log_path}") from error
-                print(f"done: {run.folder} to {leg:g} {plan.unit}", flush=True)
+        running: dict[Future, Run] = {}
+        try:
+            for leg in plan.legs():
+                waiting = [run for run in runs if not plan.finished(read_record(run.record_path), leg)]
+                while waiting or running:
+                    while waiting and len(running) < jobs:  # submit only what starts now: nothing queued outlives Ctrl-C
+                        run = waiting.pop(0)
+                        running[pool.submit(execute, run, plan, leg)] = run
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        run = running.pop(future)
+                        try:
+                            future.result()
+                        except Exception as error:
+                            raise RuntimeError(f"{run.folder} failed ({type(error).__name__}: {error}); "
+                                               f"see {run.log_path}") from error
+                        print(f"done: {run.folder} to {leg:g} {plan.unit}", flush=True)
+        except KeyboardInterrupt:
+            wait(running)  # the runs got the Ctrl-C too and are checkpointing
+            raise KeyboardInterrupt("Stopped: every run that was training saved a checkpoint at its last step; "
+                                    "the same command resumes the study where they left off.") from None
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -499,7 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs = list(dict.fromkeys(Run(recipe, arm, seed, args.out)  # 'ema' and 'default+ema' are one run
                               for recipe in args.recipes for seed in args.seeds for arm in args.arms))
-    run_all(runs, plan, args.jobs)
+    try:
+        run_all(runs, plan, args.jobs)
+    except KeyboardInterrupt as interrupt:
+        print(interrupt, file=sys.stderr)
+        return 130
     print(markdown(summarise(args.out, plan.eval_period, plan.unit)))
     return 0
 

@@ -1,6 +1,12 @@
 """study.py: recipes and plans, spreads over seeds, evaluation ticks every seed reached, milestones, and the plots."""
+import contextlib
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +15,10 @@ from PIL import Image
 
 import pictures
 import study
+from checkpoint import checkpoint_files
 from config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(seed: int, fids: list[float], ema: bool = False, milestone_fid: float | None = None) -> dict:
@@ -235,3 +244,30 @@ def test_studies_trained_apart_are_summarised_side_by_side_each_group_named_afte
     _logged_run(tmp_path / "other" / "fp32" / "default" / "sagan-seed0", [1.0], "fp32")
     with pytest.raises(ValueError, match="need different names"):
         study.summarise(out, folders=[tmp_path / "fp32", tmp_path / "other" / "fp32"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_run_at_a_checkpoint_and_starts_none_of_the_waiting_ones(tmp_path):
+    # two runs, one job: the second waits for the first; Ctrl-C to the process group, as a terminal sends it
+    command = [sys.executable, str(ROOT / "study.py"), "--dataset", "synthetic", "--arms", "baseline", "sagan",
+               "--seeds", "0", "--steps", "100000", "--eval-every", "0", "--jobs", "1", "--out", str(tmp_path),
+               "--train-args", "--conv-dim", "16", "--batch-size", "8", "--synthetic-size", "64", "--log-every", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               start_new_session=True)
+    try:
+        metrics, deadline = tmp_path / "default" / "baseline-seed0" / "metrics.csv", time.time() + 120
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+            assert time.time() < deadline and process.poll() is None, process.communicate()
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            _, stderr = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the study was still training 2 minutes after Ctrl-C (a waiting run started?)")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever of the study still runs, workers included
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert "the same command resumes the study" in stderr and "Traceback" not in stderr, stderr
+    assert checkpoint_files(metrics.parent), "the running run stopped without a checkpoint"
+    assert not (tmp_path / "default" / "sagan-seed0.log").exists(), "a run waiting for a job started after Ctrl-C"
