@@ -30,7 +30,7 @@ demo: install
 # side by side (hours).
 results: install
 	$(PY) results.py mnist --minutes 30 --milestones 10 30 --seeds 0 1 2 --threads 1 --jobs 2
-	$(PY) results.py celeba --recipe default --steps 5000 --eval-every 500 --curve-n 500 --threads 1 --jobs 2
+	$(PY) results.py celeba --recipe default --steps 5000 --eval-every 1000 --curve-n 500 --threads 1 --jobs 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache
