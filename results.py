@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results, table = (mnist if mnist_run else celeba)(args, plan, tag)
     except KeyboardInterrupt as interrupt:
-        print(interrupt or "Interrupted: the runs are checkpointed; the same command resumes them and publishes.",
+        print(str(interrupt) or "Interrupted: the same command resumes the runs and publishes.",
               file=sys.stderr)
         return 130
     table += f"\n\nRegenerate: `{command}`.\n"

@@ -27,9 +27,10 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from multiprocessing import connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import torch
@@ -181,30 +182,39 @@ def run_all(runs: list[Run], plan: Plan, jobs: int) -> None:
     step boundary, runs waiting for a job do not start, and KeyboardInterrupt says how to resume."""
     for run in runs:  # before any work: a folder that trained as another recipe stops the study here, named
         plan.config(run)
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(plan.threads)  # read when a worker starts
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(plan.threads)  # read when a process starts
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
-        running: dict[Future, Run] = {}
-        try:
-            for leg in plan.legs():
-                waiting = [run for run in runs if not plan.finished(read_record(run.record_path), leg)]
-                while waiting or running:
-                    while waiting and len(running) < jobs:  # submit only what starts now: nothing queued outlives Ctrl-C
-                        run = waiting.pop(0)
-                        running[pool.submit(execute, run, plan, leg)] = run
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        run = running.pop(future)
-                        try:
-                            future.result()
-                        except Exception as error:
-                            raise RuntimeError(f"{run.folder} failed ({type(error).__name__}: {error}); "
-                                               f"see {run.log_path}") from error
-                        print(f"done: {run.folder} to {leg:g} {plan.unit}", flush=True)
-        except KeyboardInterrupt:
-            wait(running)  # the runs got the Ctrl-C too and are checkpointing
-            raise KeyboardInterrupt("Stopped: every run that was training saved a checkpoint at its last step; "
-                                    "the same command resumes the study where they left off.") from None
+    # a process per run and leg, started when a job is free: no idle pool worker that Ctrl-C could kill (a process
+    # pool then counts itself broken and terminates the runs that are saving their checkpoints)
+    running: dict[BaseProcess, Run] = {}
+    try:
+        for leg in plan.legs():
+            waiting = [run for run in runs if not plan.finished(read_record(run.record_path), leg)]
+            while waiting or running:
+                while waiting and len(running) < jobs:
+                    run = waiting.pop(0)
+                    process = context.Process(target=execute, args=(run, plan, leg), name=run.folder.name)
+                    process.start()
+                    running[process] = run
+                ended = connection.wait([process.sentinel for process in running])
+                for process in [process for process in running if process.sentinel in ended]:
+                    run = running.pop(process)
+                    process.join()
+                    if process.exitcode != 0:
+                        raise RuntimeError(f"{run.folder} failed ({last_line(run.log_path)}); see {run.log_path}")
+                    print(f"done: {run.folder} to {leg:g} {plan.unit}", flush=True)
+    except KeyboardInterrupt:  # the running runs got it too: they checkpoint, and `finally` waits for them
+        raise KeyboardInterrupt("Stopped: every run that was training saved a checkpoint at its last step; "
+                                "the same command resumes the study where they left off.") from None
+    finally:
+        for process in running:  # after Ctrl-C, or a run's failure (the others then finish their leg)
+            process.join()
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a text file (a failed run's log ends with its exception), or 'no log'."""
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return lines[-1] if lines else "no log"
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -516,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_all(runs, plan, args.jobs)
     except KeyboardInterrupt as interrupt:
-        print(interrupt, file=sys.stderr)
+        print(str(interrupt) or "Interrupted: the same command resumes the study.", file=sys.stderr)
         return 130
     print(markdown(summarise(args.out, plan.eval_period, plan.unit)))
     return 0

@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
-        print(interrupt or "Interrupted.", file=sys.stderr)
+        print(str(interrupt) or "Interrupted.", file=sys.stderr)
         return 130
     finally:
         distributed.leave()

@@ -257,7 +257,8 @@ def test_ctrl_c_stops_the_running_run_at_a_checkpoint_and_starts_none_of_the_wai
     try:
         metrics, deadline = tmp_path / "default" / "baseline-seed0" / "metrics.csv", time.time() + 120
         while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
-            assert time.time() < deadline and process.poll() is None, process.communicate()
+            if time.time() > deadline or process.poll() is not None:
+                pytest.fail(f"the first run logged no steps in 2 minutes (study exit code {process.poll()})")
             time.sleep(0.2)
         os.killpg(process.pid, signal.SIGINT)
         try:
@@ -270,4 +271,15 @@ def test_ctrl_c_stops_the_running_run_at_a_checkpoint_and_starts_none_of_the_wai
     assert process.returncode == 130, stderr
     assert "the same command resumes the study" in stderr and "Traceback" not in stderr, stderr
     assert checkpoint_files(metrics.parent), "the running run stopped without a checkpoint"
+    assert "checkpoint saved" in (tmp_path / "default" / "baseline-seed0.log").read_text(), "it did not stop at a step"
     assert not (tmp_path / "default" / "sagan-seed0.log").exists(), "a run waiting for a job started after Ctrl-C"
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_stops_the_study_naming_the_run_and_its_error(tmp_path, monkeypatch):
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # run_all sets them for its processes
+        monkeypatch.setenv(variable, "2")
+    plan = study.Plan(dataset="celeba", data_root=str(tmp_path / "no-data"), unit="steps", budget=2, eval_period=0)
+    run = study.Run("default", "sagan", 0, tmp_path / "study")
+    with pytest.raises(RuntimeError, match=r"sagan-seed0 failed \(.*DataError: .*\); see .*sagan-seed0\.log"):
+        study.run_all([run], plan, jobs=1)
