@@ -29,7 +29,7 @@ from config import ARMS
 from evaluate import FID_LABELS
 from models import class_rows, model_module, sample_inputs
 from rundir import read_metrics
-from utils import to_unit_range
+from utils import GRID_PADDING, to_unit_range
 
 # One name and one colour per arm in every picture: the baseline left (blue), SAGAN right (red).
 ARM_COLOURS = {"baseline": "tab:blue", "sagan": "tab:red"}
@@ -66,7 +66,7 @@ def real_grid(dataset: Dataset, n: int = 64, *, seed: int = 0) -> Image.Image:
     """n random images of a dataset as an 8-wide grid, laid out like train.py's sample grids."""
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
     images = torch.stack([dataset[int(index)][0] for index in indices])
-    return to_pil_image(make_grid(to_unit_range(images), nrow=8, padding=2))
+    return to_pil_image(make_grid(to_unit_range(images), nrow=8, padding=GRID_PADDING))
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -156,13 +156,16 @@ def comparison_frame(grid_baseline: str | Path | Image.Image, grid_sagan: str | 
 
 
 def comparison_gif(run_baseline: str | Path, run_sagan: str | Path, path: str | Path, *, dataset_size: int | None = None,
-                   max_frames: int = 50, max_megabytes: float = 4.5, colors: int = 128, frame_ms: int = 250,
-                   last_frame_ms: int = 2500) -> Path:
+                   max_frames: int = 50, min_frames: int = 20, max_megabytes: float = 4.5, colors: int = 128,
+                   frame_ms: int = 250, last_frame_ms: int = 2500) -> Path:
     """A looping GIF of both runs' sample grids at every step both have, captioned with epochs.
 
     Frames are read from the grid files, so this works during training and after a resume. Beyond max_frames
-    steps, or when the file would exceed max_megabytes, evenly spaced steps are kept (always the first and last).
-    dataset_size (images per epoch) defaults to the run's dataset size; pass it when the dataset is loaded already.
+    steps, evenly spaced steps are kept (always the first and last). When the file would exceed max_megabytes,
+    frames are dropped down to min_frames, then each frame shows only the top rows of the grids, and only at one
+    row are there fewer frames than min_frames (a training run is watched as a sequence: more frames of fewer
+    samples beat a few frames of all of them). dataset_size (images per epoch) defaults to the run's dataset size;
+    pass it when the dataset is loaded already.
     """
     grids_baseline, grids_sagan = sample_grids(run_baseline), sample_grids(run_sagan)
     steps = sorted(grids_baseline.keys() & grids_sagan.keys())
@@ -171,29 +174,39 @@ def comparison_gif(run_baseline: str | Path, run_sagan: str | Path, path: str | 
                                 f"compare runs trained with the same sample_every (train.compare does)")
     config = _shared_config(run_baseline, run_sagan)
     epoch_size = dataset_size or images_per_epoch(config)
-    frames = []
-    for step in evenly_spaced(steps, max_frames):
-        frame = comparison_frame(grids_baseline[step], grids_sagan[step],
-                                 epoch_caption(epochs(step, config["batch_size"], epoch_size)))
-        # Fewer colours than GIF's 256, picked per frame, compress far better and still look right.
-        frames.append(np.asarray(frame.quantize(colors, method=Image.Quantize.FASTOCTREE).convert("RGB")))
+    tile = config["image_size"] + GRID_PADDING
+    kept = evenly_spaced(steps, max_frames)
+    rows = (open_image(grids_sagan[kept[0]]).height - GRID_PADDING) // tile
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     budget = max_megabytes * 1e6
     while True:
+        frames = []
+        for step in kept:
+            grids = (open_image(grid) for grid in (grids_baseline[step], grids_sagan[step]))
+            top = [grid.crop((0, 0, grid.width, GRID_PADDING + rows * tile)) for grid in grids]
+            frame = comparison_frame(*top, epoch_caption(epochs(step, config["batch_size"], epoch_size)))
+            # Fewer colours than GIF's 256, picked per frame, compress far better and still look right.
+            frames.append(np.asarray(frame.quantize(colors, method=Image.Quantize.FASTOCTREE).convert("RGB")))
         # loop=0: repeat forever; the last frame lingers so the final samples can be looked at.
         durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
         iio.imwrite(path, frames, extension=".gif", duration=durations if len(frames) > 1 else last_frame_ms, loop=0)
         size = path.stat().st_size
-        if size <= budget or len(frames) <= 2:
+        if size <= budget or len(kept) <= 2:
             return path
-        frames = evenly_spaced(frames, max(2, int(len(frames) * budget / size)))
+        shrink = budget / size
+        if len(kept) > min_frames:
+            kept = evenly_spaced(kept, max(min_frames, int(len(kept) * shrink)))
+        elif rows > 1:
+            rows = max(1, int(rows * shrink))
+        else:
+            kept = evenly_spaced(kept, max(2, int(len(kept) * shrink)))
 
 
 def _shared_config(run_baseline: str | Path, run_sagan: str | Path) -> dict:
     """The config of the SAGAN run, after checking that both runs saw the same data in the same batches."""
     baseline, sagan = read_config(run_baseline), read_config(run_sagan)
-    for name in ("dataset", "batch_size"):
+    for name in ("dataset", "batch_size", "image_size"):
         if baseline[name] != sagan[name]:
             raise ValueError(f"the runs differ in {name} ({run_baseline}: {baseline[name]!r}, {run_sagan}: "
                              f"{sagan[name]!r}): a side-by-side by epoch needs the same {name}")
@@ -537,7 +550,7 @@ def class_grid(G: nn.Module, classes: Sequence[int] | None = None, per_class: in
     classes = list(range(G.num_classes) if classes is None else classes)
     names = list(names or map(str, range(G.num_classes)))
     z, labels = class_rows(sample_inputs(G, per_class, seed)[0], classes)
-    grid = to_pil_image(make_grid(to_unit_range(G.sample(z, labels)), nrow=per_class, padding=2))
+    grid = to_pil_image(make_grid(to_unit_range(G.sample(z, labels)), nrow=per_class, padding=GRID_PADDING))
     return label_rows(grid, [f"asked: {names[c]}" for c in classes])
 
 

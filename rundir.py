@@ -28,7 +28,7 @@ from config import TrainConfig, arm_of
 from distributed import Job, shared_choice
 from models import class_rows, noise
 from state import TrainState
-from utils import cpu_features, cpu_name, to_unit_range
+from utils import GRID_PADDING, cpu_features, cpu_name, to_unit_range
 
 GRID_CLASSES = 16  # a conditional run's sample grid shows the first 16 classes, one row each
 
@@ -162,7 +162,7 @@ class RunLog:
     def grid(self, images: torch.Tensor, step: int) -> Path:
         path = self.run_dir / "samples" / f"step_{step:06d}.png"
         tmp = path.with_name(f".{path.name}.tmp.png")
-        save_image(to_unit_range(images), tmp, nrow=8, padding=2)
+        save_image(to_unit_range(images), tmp, nrow=8, padding=GRID_PADDING)
         tmp.replace(path)
         if self._tensorboard:
             self._tensorboard.add_images("samples", to_unit_range(images), step)

@@ -109,6 +109,9 @@ def memory_format_for(device: torch.device, channels_last: bool | None = None) -
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+GRID_PADDING = 2  # pixels around and between the tiles of a sample grid (make_grid's default)
+
+
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """Model images in [-1, 1] -> [0, 1], clamped."""
     return images.add(1).div(2).clamp(0, 1)

@@ -43,7 +43,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def fake_run(folder: Path, steps: list[int], batch_size: int = 8, seed: int = 0) -> Path:
     """A run directory holding only what the GIF reads: config.json and noise grids at `steps`."""
     (folder / "samples").mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"dataset": "synthetic", "synthetic_size": 64, "batch_size": batch_size}))
+    (folder / "config.json").write_text(json.dumps({"dataset": "synthetic", "synthetic_size": 64, "batch_size": batch_size,
+                                                         "image_size": 28}))
     rng = np.random.default_rng(seed)
     for step in steps:
         Image.fromarray(rng.integers(0, 256, (GRID, GRID, 3), dtype=np.uint8)).save(folder / "samples" / f"step_{step:06d}.png")
@@ -132,7 +133,7 @@ def test_gif_keeps_first_and_last_frames_within_its_limits(tmp_path):
     without, with_ = fake_run(tmp_path / "a", steps, seed=0), fake_run(tmp_path / "b", steps, seed=1)
     path = tmp_path / "c.gif"
     assert len(gif_frames(pictures.comparison_gif(without, with_, path, max_frames=3))[0]) == 3
-    frames, _, _ = gif_frames(pictures.comparison_gif(without, with_, path, max_megabytes=0.001))
+    frames, _, _ = gif_frames(pictures.comparison_gif(without, with_, path, max_megabytes=0.001, min_frames=2))
     assert len(frames) == 2  # noise does not compress: only the first and the last step fit
     first, last = (pictures.comparison_frame(without / "samples" / f"step_{step:06d}.png",
                                              with_ / "samples" / f"step_{step:06d}.png", caption)
@@ -140,6 +141,23 @@ def test_gif_keeps_first_and_last_frames_within_its_limits(tmp_path):
     # Colour noise loses much to a 128-colour palette, so each frame is only compared with the other candidate.
     assert pixel_errors(frames[0], first).mean() < pixel_errors(frames[0], last).mean()
     assert pixel_errors(frames[1], last).mean() < pixel_errors(frames[1], first).mean()
+
+
+def test_gif_over_its_size_shows_fewer_rows_before_fewer_than_min_frames(tmp_path):
+    steps = list(range(100, 3100, 100))
+    without, with_ = fake_run(tmp_path / "a", steps, seed=0), fake_run(tmp_path / "b", steps, seed=1)
+    full = gif_frames(pictures.comparison_gif(without, with_, tmp_path / "full.gif", max_megabytes=100))[0]
+    assert len(full) == 30
+    # Noise does not compress: 30 full frames are about 3.9 MB, 20 of them 2.6 MB, so 1 MB fits 20 frames of 3 rows.
+    frames, _, _ = gif_frames(pictures.comparison_gif(without, with_, tmp_path / "c.gif", max_megabytes=1))
+    assert len(frames) == 20, "frames are dropped down to min_frames, not below"
+    rows, rest = divmod(8 * 30 - (full[0].shape[0] - frames[0].shape[0]), 30)
+    assert frames[0].shape[1] == full[0].shape[1] and rest == 0 and 1 < rows < 8, "fewer whole rows of each grid"
+    first = pictures.comparison_frame(*(pictures.open_image(run / "samples" / "step_000100.png").crop((0, 0, GRID, 2 + rows * 30))
+                                        for run in (without, with_)), "After 12 epochs")
+    assert pixel_errors(frames[0], first).mean() < 20, "the top rows of each grid"
+    few = gif_frames(pictures.comparison_gif(without, with_, tmp_path / "d.gif", max_megabytes=0.2))[0]
+    assert 2 <= len(few) < 20 and few[0].shape[0] == full[0].shape[0] - 7 * 30, "one row, then fewer frames"
 
 
 def test_gif_of_runs_with_a_single_common_grid(tmp_path):
