@@ -15,6 +15,7 @@ protocol. Everything resumes: an interrupted call continues where it stopped.
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import evaluate
@@ -100,7 +101,7 @@ def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones
     kept_ema = any(summary["groups"][name]["milestones"][key]["ema_fid"] for name in groups for key in milestones)
     kinds = [("fid", metric)] + ([("ema_fid", f"{metric}, EMA")] if kept_ema else [])
     times = {"cpu_time": "CPU time", "wall_time": "wall time"} if with_time else {}
-    head = ["model", "seeds", f"steps at {at(milestones[-1])}", *times.values(), "precision",
+    head = ["model", "seeds", f"steps at {at(milestones[-1])}", *times.values(), "precision", *(["threads"] if with_time else []),
             *(f"{label} at {at(key)}" for _, label in kinds for key in milestones)]
     head += ["requested digit read back"] if with_accuracy else []
     lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
@@ -108,11 +109,13 @@ def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones
         group = summary["groups"][name]
         last = group["milestones"][milestones[-1]]
         cells = [label, str(len(group["seeds"])), study.cell(last["step"], 0), *(hours(last[kind]) for kind in times),
-                 "/".join(group["precision"]), *(study.cell(group["milestones"][key][kind]) for kind, _ in kinds for key in milestones)]
+                 "/".join(group["precision"]), *([thread_counts(summary, [name])] if with_time else []),
+                 *(study.cell(group["milestones"][key][kind]) for kind, _ in kinds for key in milestones)]
         if with_accuracy:
             cells.append(study.cell(published(last, "accuracy"), 1, True))
         lines.append("| " + " | ".join(cells) + " |")
-    floor_cells = ["real vs real (floor)", "", "", *("" for _ in times), "", *(f"{floor[fid]:.2f}" for _ in kinds for _ in milestones)]
+    floor_cells = ["real vs real (floor)", "", "", *("" for _ in times), "", *([""] if with_time else []),
+                   *(f"{floor[fid]:.2f}" for _ in kinds for _ in milestones)]
     lines.append("| " + " | ".join(floor_cells + ([""] if with_accuracy else [])) + " |")
     return lines
 
@@ -137,11 +140,19 @@ def weights_table(published: dict[str, dict]) -> list[str]:
     return lines
 
 
-def machine_line(summary: dict, threads: int) -> str:
+def machine_line(summary: dict) -> str:
+    """Where the runs trained (their sessions.jsonl: a run resumed elsewhere names both machines), then where and when
+    this was published."""
+    trained = sorted({machine for group in summary["groups"].values() for machine in group["trained_on"]})
     machine = summary["machine"]
-    native = "AMX or AVX512-BF16" if machine.get("amx") or machine.get("avx512_bf16") else "AVX2 only, no native bf16"
-    return (f"Machine: {machine['cpu']} ({machine['cores']} cores, {native}), torch {machine['torch']}, {threads} "
-            f"thread(s) per run, {machine['date']}, commit {machine['commit']}.")
+    return (f"Trained on {' and '.join(trained) or 'an unrecorded machine'}. Published on {machine['cpu']} "
+            f"({machine['cores']} cores, {study.native_bf16(machine)}), torch {machine['torch']}, {machine['date']}, "
+            f"commit {machine['commit']}.")
+
+
+def thread_counts(summary: dict, groups: Iterable[str]) -> str:
+    """The torch threads the groups' runs trained with, '1' or '1/2' (a run resumed with other threads)."""
+    return "/".join(map(str, sorted({count for name in groups for count in summary["groups"][name]["threads"]})))
 
 
 # ---------------------------------------------------------------------------------------------- the two datasets
@@ -190,12 +201,12 @@ def mnist(args: argparse.Namespace, plan: study.Plan, tag: str) -> tuple[dict, s
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
                   f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G and, where the recipe keeps "
                   f"one, of its EMA (which training never reads; a published file holds the EMA where there is one "
-                  f"and records its own score). Minutes are minutes of each run's own CPU time on {plan.threads} "
+                  f"and records its own score). Minutes are minutes of each run's own CPU time on {thread_counts(summary, labels)} "
                   f"thread(s) (so other work on the machine does not count), evaluation not counted. "
                   + ("Requested digit: the share of samples the classifier reads as the digit asked for (the EMA's "
                      "where kept). " if "conditional" in models else "") + f"Floor: {protocol['images']}.",
               f"Recipe: `{args.recipe}`" + (f" (conditional: `{args.conditional_recipe}`)" if "conditional" in models else "")
-              + f". {machine_line(summary, plan.threads)}", "",
+              + f". {machine_line(summary)}", "",
               "Published generators (each model's median seed at the last milestone, fp16, scored from the file):", "",
               *weights_table(published), *conditioning]
     return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
@@ -228,7 +239,7 @@ def celeba(args: argparse.Namespace, plan: study.Plan, tag: str) -> tuple[dict, 
                   f"generated images per arm against {protocol['reference']} ({protocol['reference_size']} images; "
                   f"{protocol['crop_resize']}; {evaluate.INCEPTION_INPUT}). Floor: {plan.final_n} "
                   f"{protocol['images']}, scored the same way. Seed {seed} for both arms, recipe `{args.recipe}`, "
-                  f"{plan.threads} thread(s) per arm, {args.jobs} run(s) side by side. {machine_line(summary, plan.threads)}",
+                  f"up to {args.jobs} run(s) side by side, torch threads per run as in the table. {machine_line(summary)}",
               "", "Published generators (fp16, scored from the file):", "", *weights_table(published)]
     return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
 

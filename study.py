@@ -287,12 +287,28 @@ def summarise_group(runs: list[dict], period: float, unit: str = "minutes") -> d
     cpu_share = spread([leg["cpu_s"] / leg["wall_s"] for leg in legs if leg["wall_s"] > 0])
     throughput = spread([run["evaluations"][-1]["images"] / (60 * run["evaluations"][-1]["minutes"])
                          for run in runs if run["evaluations"] and run["evaluations"][-1]["minutes"] > 0])
-    precisions = sorted({session["precision"] for run in runs for session in run.get("sessions", [])})
+    sessions = [session for run in runs for session in run.get("sessions", [])]
+    precisions = sorted({session["precision"] for session in sessions})
     by_step = [[{key: e.get(key) for key in ("step", *SCORES)} for e in run["evaluations"]] for run in runs]
     return {"seeds": sorted(run["config"]["seed"] for run in runs), "curve": table, "milestones": milestones,
             "by_step": by_step,
-            "cpu_share": cpu_share, "img_per_s": throughput, "threads": runs[0]["config"]["threads"],
+            "cpu_share": cpu_share, "img_per_s": throughput,
+            "threads": sorted({session["threads"] for session in sessions} or {runs[0]["config"]["threads"]}),
+            "trained_on": sorted({training_machine(session) for session in sessions}),
             "clock": runs[0]["config"]["clock"], "precision": precisions or ["fp32"]}
+
+
+def training_machine(session: dict) -> str:
+    """Where a training session (a line of sessions.jsonl) ran: the device, and for a CPU its name and whether it
+    runs bf16 natively."""
+    if session["device"] != "cpu":
+        return f"{session['device']} (host CPU {session['cpu']})"
+    return f"{session['cpu']} ({native_bf16(session)})"
+
+
+def native_bf16(features: dict) -> str:
+    """What a CPU record (machine() or a session) says of bf16 on that CPU."""
+    return "AMX or AVX512-BF16" if features.get("amx") or features.get("avx512_bf16") else "AVX2 only, no native bf16"
 
 
 def study_groups(out: Path) -> dict[str, list[Path]]:
@@ -423,7 +439,7 @@ def markdown(summary: dict) -> str:
             continue
         end, half = curve[-1], curve[len(curve) // 2 - 1] if len(curve) > 1 else curve[-1]
         milestones = "; ".join(f"{key}: {cell(m['fid'])} / {cell(m['ema_fid'])}" for key, m in group["milestones"].items())
-        lines.append(f"| {name} | {','.join(map(str, group['seeds']))} | {group['threads']} | {group['clock']} | "
+        lines.append(f"| {name} | {','.join(map(str, group['seeds']))} | {'/'.join(map(str, group['threads']))} | {group['clock']} | "
                      f"{'/'.join(group.get('precision', ['fp32']))} | {group['cpu_share'].get('median', 0):.2f} | "
                      f"{group['img_per_s'].get('median', 0):.0f} | {end['step']['median']:.0f} | {cell(end['fid'])} | "
                      f"{cell(end['ema_fid'])} | {cell(at_step(group, same_step))} | "

@@ -12,6 +12,7 @@ import evaluate
 import results
 import study
 from checkpoint import load_generator
+from utils import cpu_features, cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +54,8 @@ def test_results_publishes_the_pair_then_every_file_and_its_weights_reproduce_th
     table = (demo / "results_mnist.md").read_text()
     for row in ("| SAGAN | 1 |", "| baseline (no attention) | 1 |", "| SAGAN, class-conditional | 1 |",
                 "| real vs real (floor) |", "| SAGAN, class-conditional | EMA's class read back |",
-                "Regenerate: `python results.py mnist --minutes 0.1"):
+                "Regenerate: `python results.py mnist --minutes 0.1", "CPU time on 1 thread(s)",
+                f"Trained on {cpu_name()} ({study.native_bf16(cpu_features())}). Published on {cpu_name()} ("):
         assert row in table, row
 
 
@@ -114,7 +116,7 @@ def test_the_median_seed_is_chosen_by_the_fid_of_the_generator_a_file_publishes(
 def test_the_results_table_shows_the_ema_beside_the_trained_g_where_runs_kept_one():
     def group(fid: float, ema_fid: float | None, accuracy: float | None, ema_accuracy: float | None) -> dict:
         one = lambda value: study.spread([value])
-        return {"seeds": [0], "precision": ["fp32"],
+        return {"seeds": [0], "precision": ["fp32"], "threads": [1],
                 "milestones": {"30": {"fid": one(fid), "ema_fid": one(ema_fid), "step": one(100), "accuracy": one(accuracy),
                                       "ema_accuracy": one(ema_accuracy), "cpu_time": one(5400.0), "wall_time": one(9000.0)}}}
 
@@ -130,7 +132,9 @@ def test_the_results_table_shows_the_ema_beside_the_trained_g_where_runs_kept_on
     assert lines[4] == "| real vs real (floor) |  |  |  | 3.70 | 3.70 |  |"
     summary["groups"]["default/sagan"]["milestones"]["30"]["ema_fid"] = {}
     summary["groups"]["default/sagan"]["precision"] = ["bf16", "fp32"]  # resumed in another precision
+    summary["groups"]["default/sagan"]["threads"] = [1, 2]  # and with other threads
     timed = results.results_table(summary, {"default/sagan": "SAGAN"}, floor, ["30"], "steps", False, with_time=True)
-    assert timed[0] == "| model | seeds | steps at step 30 | CPU time | wall time | precision | classifier FID at step 30 |"
-    assert timed[2] == "| SAGAN | 1 | 100 (100-100) | 1.5 h | 2.5 h | bf16/fp32 | 40.0 (40.0-40.0) |"
-    assert timed[3] == "| real vs real (floor) |  |  |  |  |  | 3.70 |"
+    assert timed[0] == ("| model | seeds | steps at step 30 | CPU time | wall time | precision | threads | classifier FID at "
+                        "step 30 |")
+    assert timed[2] == "| SAGAN | 1 | 100 (100-100) | 1.5 h | 2.5 h | bf16/fp32 | 1/2 | 40.0 (40.0-40.0) |"
+    assert timed[3] == "| real vs real (floor) |  |  |  |  |  |  | 3.70 |"

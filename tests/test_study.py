@@ -80,6 +80,17 @@ def test_plots_have_an_ema_panel_only_where_a_run_kept_an_ema(tmp_path):
     assert "SAGAN, paper's attention (1 seed)" in [line.get_label() for line in named.axes[0].get_lines()]
 
 
+def test_a_group_names_the_machines_threads_and_precisions_its_runs_trained_with_from_their_sessions():
+    session = {"device": "cpu", "cpu": "AMD EPYC", "amx": False, "avx512_bf16": True, "precision": "bf16", "threads": 1}
+    resumed = [session, session | {"step": 3000, "threads": 2}]
+    moved = [session, session | {"step": 3000, "cpu": "Intel Xeon", "avx512_bf16": False, "precision": "fp32"}]
+    group = study.summarise_group([_run(0, [50.0]) | {"sessions": resumed}, _run(1, [40.0]) | {"sessions": moved}], 1.0)
+    assert group["threads"] == [1, 2] and group["precision"] == ["bf16", "fp32"]
+    assert group["trained_on"] == ["AMD EPYC (AMX or AVX512-BF16)", "Intel Xeon (AVX2 only, no native bf16)"]
+    assert study.training_machine(session | {"device": "cuda"}) == "cuda (host CPU AMD EPYC)"
+    assert study.summarise_group([_run(0, [50.0])], 1.0)["threads"] == [1]  # runs from before sessions.jsonl: the config's
+
+
 def test_a_group_of_a_step_budget_ticks_by_steps():
     runs = [_run(0, [900.0, 500.0, 300.0]), _run(1, [800.0, 700.0, 600.0])]
     group = study.summarise_group(runs, period=100, unit="steps")  # evaluations at steps 100, 200, 300
