@@ -162,10 +162,10 @@ def comparison_gif(run_baseline: str | Path, run_sagan: str | Path, path: str | 
 
     Frames are read from the grid files, so this works during training and after a resume. Beyond max_frames
     steps, evenly spaced steps are kept (always the first and last). When the file would exceed max_megabytes,
-    frames are dropped down to min_frames, then each frame shows only the top rows of the grids, and only at one
-    row are there fewer frames than min_frames (a training run is watched as a sequence: more frames of fewer
-    samples beat a few frames of all of them). dataset_size (images per epoch) defaults to the run's dataset size;
-    pass it when the dataset is loaded already.
+    frames are dropped down to min_frames (at least 2), then each frame shows only the top rows of the grids, and
+    only at one row are there fewer frames than min_frames (a training run is watched as a sequence: more frames of
+    fewer samples beat a few frames of all of them). dataset_size (images per epoch) defaults to the run's dataset
+    size; pass it when the dataset is loaded already.
     """
     grids_baseline, grids_sagan = sample_grids(run_baseline), sample_grids(run_sagan)
     steps = sorted(grids_baseline.keys() & grids_sagan.keys())
@@ -175,24 +175,30 @@ def comparison_gif(run_baseline: str | Path, run_sagan: str | Path, path: str | 
     config = _shared_config(run_baseline, run_sagan)
     epoch_size = dataset_size or images_per_epoch(config)
     tile = config["image_size"] + GRID_PADDING
+    min_frames = max(2, min_frames)
     kept = evenly_spaced(steps, max_frames)
     rows = (open_image(grids_sagan[kept[0]]).height - GRID_PADDING) // tile
+    rendered = {}  # (step, rows): the frame, quantised
+
+    def frame(step: int) -> np.ndarray:
+        if (step, rows) not in rendered:
+            grids = (open_image(grid) for grid in (grids_baseline[step], grids_sagan[step]))
+            top = [grid.crop((0, 0, grid.width, GRID_PADDING + rows * tile)) for grid in grids]
+            picture = comparison_frame(*top, epoch_caption(epochs(step, config["batch_size"], epoch_size)))
+            # Fewer colours than GIF's 256, picked per frame, compress far better and still look right.
+            rendered[step, rows] = np.asarray(picture.quantize(colors, method=Image.Quantize.FASTOCTREE).convert("RGB"))
+        return rendered[step, rows]
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     budget = max_megabytes * 1e6
     while True:
-        frames = []
-        for step in kept:
-            grids = (open_image(grid) for grid in (grids_baseline[step], grids_sagan[step]))
-            top = [grid.crop((0, 0, grid.width, GRID_PADDING + rows * tile)) for grid in grids]
-            frame = comparison_frame(*top, epoch_caption(epochs(step, config["batch_size"], epoch_size)))
-            # Fewer colours than GIF's 256, picked per frame, compress far better and still look right.
-            frames.append(np.asarray(frame.quantize(colors, method=Image.Quantize.FASTOCTREE).convert("RGB")))
+        frames = [frame(step) for step in kept]
         # loop=0: repeat forever; the last frame lingers so the final samples can be looked at.
         durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
         iio.imwrite(path, frames, extension=".gif", duration=durations if len(frames) > 1 else last_frame_ms, loop=0)
         size = path.stat().st_size
-        if size <= budget or len(kept) <= 2:
+        if size <= budget or (len(kept) <= 2 and rows == 1):
             return path
         shrink = budget / size
         if len(kept) > min_frames:

@@ -94,7 +94,7 @@ def results_table(summary: dict, groups: dict[str, str], floor: dict, milestones
                   with_accuracy: bool, with_time: bool = False) -> list[str]:
     """Median (min-max) over seeds of each group's FID at each milestone (the trained G's, then its EMA's where runs
     kept one), steps reached, the precision trained in, digit accuracy (of the EMA where kept: the G a weights file
-    publishes) with_accuracy, and with_time the CPU and wall hours to the last milestone."""
+    publishes) with_accuracy, and with_time the CPU and wall hours to the last milestone and the torch threads."""
     fid = evaluate.headline_fid(floor["protocol"]["dataset"])
     metric = evaluate.FID_LABELS[fid]
     at = (lambda key: f"{key} min") if unit == "minutes" else (lambda key: f"step {int(float(key))}")
@@ -140,19 +140,25 @@ def weights_table(published: dict[str, dict]) -> list[str]:
     return lines
 
 
-def machine_line(summary: dict) -> str:
-    """Where the runs trained (their sessions.jsonl: a run resumed elsewhere names both machines), then where and when
-    this was published."""
-    trained = sorted({machine for group in summary["groups"].values() for machine in group["trained_on"]})
+def machine_line(summary: dict, groups: Iterable[str]) -> str:
+    """Where the groups' runs trained (their sessions.jsonl: a run resumed elsewhere names both machines), then where
+    and when this was published."""
+    trained = sorted({machine for name in groups for machine in summary["groups"][name]["trained_on"]})
     machine = summary["machine"]
-    return (f"Trained on {' and '.join(trained) or 'an unrecorded machine'}. Published on {machine['cpu']} "
-            f"({machine['cores']} cores, {study.native_bf16(machine)}), torch {machine['torch']}, {machine['date']}, "
-            f"commit {machine['commit']}.")
+    return (f"Trained on {spoken_list(trained)}. Published on {machine['cpu']} ({machine['cores']} cores, "
+            f"{study.native_bf16(machine)}), torch {machine['torch']}, {machine['date']}, commit {machine['commit']}.")
 
 
-def thread_counts(summary: dict, groups: Iterable[str]) -> str:
-    """The torch threads the groups' runs trained with, '1' or '1/2' (a run resumed with other threads)."""
-    return "/".join(map(str, sorted({count for name in groups for count in summary["groups"][name]["threads"]})))
+def thread_counts(summary: dict, groups: Iterable[str], separator: str = "/") -> str:
+    """The torch threads the groups' runs trained with: '1', '1/2' (a run resumed with other threads); 0 is torch's
+    default (all cores)."""
+    counts = sorted({count for name in groups for count in summary["groups"][name]["threads"]})
+    return separator.join(str(count) if count else "torch's default" for count in counts)
+
+
+def spoken_list(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join(filter(None, [", ".join(items[:-1]), items[-1]])) if items else "an unrecorded machine"
 
 
 # ---------------------------------------------------------------------------------------------- the two datasets
@@ -201,12 +207,12 @@ def mnist(args: argparse.Namespace, plan: study.Plan, tag: str) -> tuple[dict, s
                   f"{protocol['reference']} digits, in the 128-d features of `weights/mnist_classifier.pt`; median "
                   f"(min-max) over seeds {', '.join(map(str, args.seeds))}, of the trained G and, where the recipe keeps "
                   f"one, of its EMA (which training never reads; a published file holds the EMA where there is one "
-                  f"and records its own score). Minutes are minutes of each run's own CPU time on {thread_counts(summary, labels)} "
+                  f"and records its own score). Minutes are minutes of each run's own CPU time on {thread_counts(summary, labels, ' or ')} "
                   f"thread(s) (so other work on the machine does not count), evaluation not counted. "
                   + ("Requested digit: the share of samples the classifier reads as the digit asked for (the EMA's "
                      "where kept). " if "conditional" in models else "") + f"Floor: {protocol['images']}.",
               f"Recipe: `{args.recipe}`" + (f" (conditional: `{args.conditional_recipe}`)" if "conditional" in models else "")
-              + f". {machine_line(summary)}", "",
+              + f". {machine_line(summary, labels)}", "",
               "Published generators (each model's median seed at the last milestone, fp16, scored from the file):", "",
               *weights_table(published), *conditioning]
     return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
@@ -239,7 +245,7 @@ def celeba(args: argparse.Namespace, plan: study.Plan, tag: str) -> tuple[dict, 
                   f"generated images per arm against {protocol['reference']} ({protocol['reference_size']} images; "
                   f"{protocol['crop_resize']}; {evaluate.INCEPTION_INPUT}). Floor: {plan.final_n} "
                   f"{protocol['images']}, scored the same way. Seed {seed} for both arms, recipe `{args.recipe}`, "
-                  f"up to {args.jobs} run(s) side by side, torch threads per run as in the table. {machine_line(summary)}",
+                  f"torch threads per run as in the table. {machine_line(summary, labels)}",
               "", "Published generators (fp16, scored from the file):", "", *weights_table(published)]
     return {"study": summary, "floor": floor, "published": published}, "\n".join(lines)
 

@@ -293,9 +293,15 @@ def summarise_group(runs: list[dict], period: float, unit: str = "minutes") -> d
     return {"seeds": sorted(run["config"]["seed"] for run in runs), "curve": table, "milestones": milestones,
             "by_step": by_step,
             "cpu_share": cpu_share, "img_per_s": throughput,
-            "threads": sorted({session["threads"] for session in sessions} or {runs[0]["config"]["threads"]}),
-            "trained_on": sorted({training_machine(session) for session in sessions}),
+            "threads": sorted({count for run in runs for count in run_threads(run)}),
+            "trained_on": sorted({training_machine(session) for session in sessions}
+                                 | ({"an unrecorded machine"} if any(not run.get("sessions") for run in runs) else set())),
             "clock": runs[0]["config"]["clock"], "precision": precisions or ["fp32"]}
+
+
+def run_threads(run: dict) -> set[int]:
+    """The torch threads a run trained with (its sessions'; for runs from before sessions.jsonl, its config's)."""
+    return {session["threads"] for session in run.get("sessions", [])} or {run["config"]["threads"]}
 
 
 def training_machine(session: dict) -> str:

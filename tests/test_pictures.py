@@ -128,19 +128,27 @@ def test_comparison_gif_after_a_resume(runs, tmp_path):
     assert pixel_errors(frames[0], wrong_caption).max() > QUANTISATION_ERROR, "the comparison above tells captions apart"
 
 
+def top_rows(run: Path, step: int, rows: int) -> Image.Image:
+    """The top `rows` rows of a fake run's grid of `step`."""
+    return pictures.open_image(run / "samples" / f"step_{step:06d}.png").crop((0, 0, GRID, 2 + rows * 30))
+
+
 def test_gif_keeps_first_and_last_frames_within_its_limits(tmp_path):
     steps = [100, 200, 300, 400, 500]
     without, with_ = fake_run(tmp_path / "a", steps, seed=0), fake_run(tmp_path / "b", steps, seed=1)
     path = tmp_path / "c.gif"
     assert len(gif_frames(pictures.comparison_gif(without, with_, path, max_frames=3))[0]) == 3
-    frames, _, _ = gif_frames(pictures.comparison_gif(without, with_, path, max_megabytes=0.001, min_frames=2))
-    assert len(frames) == 2  # noise does not compress: only the first and the last step fit
-    first, last = (pictures.comparison_frame(without / "samples" / f"step_{step:06d}.png",
-                                             with_ / "samples" / f"step_{step:06d}.png", caption)
+    frames, _, _ = gif_frames(pictures.comparison_gif(without, with_, path, max_megabytes=0.001))
+    # noise does not compress: nothing fits, and what is left is the first and the last step, one row of each grid
+    assert len(frames) == 2
+    first, last = (pictures.comparison_frame(top_rows(without, step, 1), top_rows(with_, step, 1), caption)
                    for step, caption in ((100, "After 12 epochs"), (500, "After 62 epochs")))
     # Colour noise loses much to a 128-colour palette, so each frame is only compared with the other candidate.
     assert pixel_errors(frames[0], first).mean() < pixel_errors(frames[0], last).mean()
     assert pixel_errors(frames[1], last).mean() < pixel_errors(frames[1], first).mean()
+    two = gif_frames(pictures.comparison_gif(fake_run(tmp_path / "c", [100, 200]), fake_run(tmp_path / "d", [100, 200], seed=1),
+                                             path, max_megabytes=0.001, min_frames=0))[0]
+    assert len(two) == 2 and two[0].shape == frames[0].shape, "two steps: fewer rows too, and never fewer than 2 frames"
 
 
 def test_gif_over_its_size_shows_fewer_rows_before_fewer_than_min_frames(tmp_path):
@@ -148,16 +156,22 @@ def test_gif_over_its_size_shows_fewer_rows_before_fewer_than_min_frames(tmp_pat
     without, with_ = fake_run(tmp_path / "a", steps, seed=0), fake_run(tmp_path / "b", steps, seed=1)
     full = gif_frames(pictures.comparison_gif(without, with_, tmp_path / "full.gif", max_megabytes=100))[0]
     assert len(full) == 30
-    # Noise does not compress: 30 full frames are about 3.9 MB, 20 of them 2.6 MB, so 1 MB fits 20 frames of 3 rows.
+    # Noise does not compress: 30 full frames are about 3.9 MB, 20 of them 2.6 MB: 1 MB fits 20 frames of 2-3 rows.
     frames, _, _ = gif_frames(pictures.comparison_gif(without, with_, tmp_path / "c.gif", max_megabytes=1))
     assert len(frames) == 20, "frames are dropped down to min_frames, not below"
     rows, rest = divmod(8 * 30 - (full[0].shape[0] - frames[0].shape[0]), 30)
     assert frames[0].shape[1] == full[0].shape[1] and rest == 0 and 1 < rows < 8, "fewer whole rows of each grid"
-    first = pictures.comparison_frame(*(pictures.open_image(run / "samples" / "step_000100.png").crop((0, 0, GRID, 2 + rows * 30))
-                                        for run in (without, with_)), "After 12 epochs")
+    first = pictures.comparison_frame(top_rows(without, 100, rows), top_rows(with_, 100, rows), "After 12 epochs")
     assert pixel_errors(frames[0], first).mean() < 20, "the top rows of each grid"
     few = gif_frames(pictures.comparison_gif(without, with_, tmp_path / "d.gif", max_megabytes=0.2))[0]
     assert 2 <= len(few) < 20 and few[0].shape[0] == full[0].shape[0] - 7 * 30, "one row, then fewer frames"
+
+
+def test_gif_refuses_grids_of_other_image_sizes(tmp_path):
+    small = fake_run(tmp_path / "b", [100], seed=1)
+    (small / "config.json").write_text(json.dumps(json.loads((small / "config.json").read_text()) | {"image_size": 64}))
+    with pytest.raises(ValueError, match="image_size"):
+        pictures.comparison_gif(fake_run(tmp_path / "a", [100]), small, tmp_path / "c.gif")
 
 
 def test_gif_of_runs_with_a_single_common_grid(tmp_path):

@@ -98,6 +98,22 @@ def test_results_publishes_the_pair_then_every_file_and_its_weights_reproduce_th
     assert "| SAGAN | 1 |" not in table and "dcgan_mnist.pt" not in table
 
 
+def test_the_machine_line_names_where_the_published_groups_trained_apart_from_where_they_were_published():
+    machine = {"cpu": "AMD EPYC", "cores": 2, "amx": False, "avx512_bf16": False, "torch": "2.14", "date": "2026-12-02",
+               "commit": "abc1234"}
+    summary = {"machine": machine, "groups": {
+        "default/baseline": {"trained_on": ["AMD EPYC (AMX or AVX512-BF16)"], "threads": [1]},
+        "default/sagan": {"trained_on": ["AMD EPYC (AMX or AVX512-BF16)", "Intel Xeon (AMX or AVX512-BF16)"],
+                          "threads": [1, 2]},
+        "diffaugment/sagan": {"trained_on": ["cuda (host CPU Intel Xeon)"], "threads": [0]}}}  # not published here
+    assert results.machine_line(summary, ["default/baseline", "default/sagan"]) == (
+        "Trained on AMD EPYC (AMX or AVX512-BF16) and Intel Xeon (AMX or AVX512-BF16). Published on AMD EPYC (2 cores, "
+        "AVX2 only, no native bf16), torch 2.14, 2026-12-02, commit abc1234.")
+    assert results.thread_counts(summary, ["default/baseline", "default/sagan"], " or ") == "1 or 2"
+    assert results.thread_counts(summary, ["diffaugment/sagan"]) == "torch's default"
+    assert results.spoken_list(["a", "b", "c"]) == "a, b and c" and results.spoken_list(["a"]) == "a"
+
+
 def _milestone(fid: float, ema_fid: float | None) -> dict:
     return {"fid": fid, "ema_fid": ema_fid, "step": 100}
 
