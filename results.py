@@ -24,6 +24,7 @@ import study
 from checkpoint import atomic_save, load_generator, read_file
 from config import ARMS, canonical_recipe
 from models import model_module
+from utils import honour_ctrl_c
 
 MNIST_MODELS = ("baseline", "sagan", "conditional")  # the conditional one is a SAGAN of the conditional recipe
 DEMO_TAGS = {"mnist": "mnist", "celeba": "celebA"}  # demo/ names follow the notebooks' (comparison_celebA.gif, ...)
@@ -341,4 +342,5 @@ def score_command(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    honour_ctrl_c()
     sys.exit(main())

@@ -39,6 +39,7 @@ from checkpoint import checkpoint_files, load_checkpoint, read_config
 from config import (ARMS, RECIPES, WHOLE_RECIPES, ConfigError, TrainConfig, add_flags, canonical_recipe, check_resumable,
                     field_overrides, resumed_config)
 from evaluate import headline_fid
+from utils import honour_ctrl_c
 
 ROOT = Path(__file__).resolve().parent
 SCORES = ("fid", "ema_fid", "accuracy", "ema_accuracy")  # what an evaluation scores: the trained G, then its EMA
@@ -137,6 +138,7 @@ def execute(run: Run, plan: Plan, until: float) -> None:
     import evaluate
     import train
 
+    honour_ctrl_c()  # a study started as a background job hands its processes SIGINT ignored
     run.folder.parent.mkdir(parents=True, exist_ok=True)
     with open(run.log_path, "a") as log:
         os.dup2(log.fileno(), 1)
@@ -555,4 +557,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    honour_ctrl_c()
     sys.exit(main())

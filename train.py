@@ -33,7 +33,7 @@ from config import (ARMS, LOSSES, RECIPES, WHOLE_RECIPES, ConfigError, TrainConf
 from distributed import any_process, mean_over_processes
 from ema import update_ema
 from state import TrainState, build_state
-from utils import Stopwatch, closing, stop_at_step_boundary
+from utils import Stopwatch, closing, honour_ctrl_c, stop_at_step_boundary
 
 
 class NonFiniteLossError(RuntimeError):
@@ -411,4 +411,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    honour_ctrl_c()
     sys.exit(main())

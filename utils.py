@@ -139,6 +139,14 @@ class Stopwatch:
             self._cpu_origin += time.process_time() - cpu
 
 
+def honour_ctrl_c() -> None:
+    """Ctrl-C and `kill -INT` raise KeyboardInterrupt in this process even where it started with SIGINT ignored, as
+    a shell script's background jobs do (`python study.py ... &`): stopping runs at a checkpoint, and scoring or
+    waiting in between, relies on it. For the command-line entry points and the processes they start."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @contextmanager
 def stop_at_step_boundary():
     """Ctrl-C (or a notebook's interrupt) sets a flag the loop checks between steps, so the run can

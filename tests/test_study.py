@@ -259,13 +259,16 @@ def test_studies_trained_apart_are_summarised_side_by_side_each_group_named_afte
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_running_run_at_a_checkpoint_and_starts_none_of_the_waiting_ones(tmp_path):
-    # two runs, one job: the second waits for the first; Ctrl-C to the process group, as a terminal sends it
+@pytest.mark.parametrize("started_ignoring_sigint", [False, True], ids=["terminal", "background-job"])
+def test_ctrl_c_stops_the_running_run_at_a_checkpoint_and_starts_none_of_the_waiting_ones(tmp_path, started_ignoring_sigint):
+    # two runs, one job: the second waits for the first; Ctrl-C to the process group, as a terminal sends it, or
+    # kill -INT to a study a shell script started in the background (which starts it with SIGINT ignored)
     command = [sys.executable, str(ROOT / "study.py"), "--dataset", "synthetic", "--arms", "baseline", "sagan",
                "--seeds", "0", "--steps", "100000", "--eval-every", "0", "--jobs", "1", "--out", str(tmp_path),
                "--train-args", "--conv-dim", "16", "--batch-size", "8", "--synthetic-size", "64", "--log-every", "1"]
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if started_ignoring_sigint else None
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=ignore)
     try:
         metrics, deadline = tmp_path / "default" / "baseline-seed0" / "metrics.csv", time.time() + 120
         while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
