@@ -86,7 +86,8 @@ OTHER_TOOLS_FLAGS = {"--logdir", "--help"}  # tensorboard's, and every script's
 
 
 def test_every_flag_the_readme_names_in_its_prose_is_a_flag_of_one_of_the_scripts():
-    helps = "".join(script_help(script) for script in ("train.py", "study.py", "results.py", "evaluate.py", "bench.py"))
+    helps = "".join(script_help(script) for script in ("train.py", "study.py", "results.py", "evaluate.py", "bench.py",
+                                                        "pictures.py"))
     prose = re.sub(r"```.*?```", "", README, flags=re.S)  # fences hold backticks of their own
     spans = re.findall(r"`([^`]+)`", prose)
     named = {flag for span in spans for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", span)}
