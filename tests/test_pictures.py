@@ -165,6 +165,7 @@ def test_gif_over_its_size_shows_fewer_rows_before_fewer_than_min_frames(tmp_pat
     assert pixel_errors(frames[0], first).mean() < 20, "the top rows of each grid"
     few = gif_frames(pictures.comparison_gif(without, with_, tmp_path / "d.gif", max_megabytes=0.2))[0]
     assert 2 <= len(few) < 20 and few[0].shape[0] == full[0].shape[0] - 7 * 30, "one row, then fewer frames"
+    assert sorted(path.name for path in tmp_path.glob("*.gif*")) == ["c.gif", "d.gif", "full.gif"], "tries left behind"
 
 
 def test_gif_refuses_grids_of_other_image_sizes(tmp_path):
