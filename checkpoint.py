@@ -66,8 +66,13 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     """A text file written through a temporary file and a rename."""
+    atomic_write_bytes(text.encode(), path)
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """A file of these bytes written through a temporary file and a rename."""
     with _replacing(path) as f:
-        f.write(text.encode())
+        f.write(data)
 
 
 def checkpoint_path(path: str | Path) -> Path:

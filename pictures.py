@@ -24,7 +24,7 @@ from torchvision.utils import make_grid
 
 import data
 from attention import attention_layers
-from checkpoint import read_config
+from checkpoint import atomic_write_bytes, read_config
 from config import ARMS
 from evaluate import FID_LABELS
 from models import class_rows, model_module, sample_inputs
@@ -189,28 +189,23 @@ def comparison_gif(run_baseline: str | Path, run_sagan: str | Path, path: str | 
             rendered[step, rows] = np.asarray(picture.quantize(colors, method=Image.Quantize.FASTOCTREE).convert("RGB"))
         return rendered[step, rows]
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    trial = path.with_name(f".{path.name}.tmp")  # each try is written here: a stop never leaves a half-made GIF at path
     budget = max_megabytes * 1e6
-    try:
-        while True:
-            frames = [frame(step) for step in kept]
-            # loop=0: repeat forever; the last frame lingers so the final samples can be looked at.
-            durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
-            iio.imwrite(trial, frames, extension=".gif", duration=durations if len(frames) > 1 else last_frame_ms, loop=0)
-            size = trial.stat().st_size
-            if size <= budget or (len(kept) <= 2 and rows == 1):
-                return trial.replace(path)
-            shrink = budget / size
-            if len(kept) > min_frames:
-                kept = evenly_spaced(kept, max(min_frames, int(len(kept) * shrink)))
-            elif rows > 1:
-                rows = max(1, int(rows * shrink))
-            else:
-                kept = evenly_spaced(kept, max(2, int(len(kept) * shrink)))
-    finally:
-        trial.unlink(missing_ok=True)
+    while True:
+        frames = [frame(step) for step in kept]
+        # loop=0: repeat forever; the last frame lingers so the final samples can be looked at.
+        durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
+        gif = iio.imwrite("<bytes>", frames, extension=".gif", duration=durations if len(frames) > 1 else last_frame_ms,
+                          loop=0)  # tried in memory: only the GIF that fits is written, whole or not at all
+        if len(gif) <= budget or (len(kept) <= 2 and rows == 1):
+            atomic_write_bytes(gif, path)
+            return Path(path)
+        shrink = budget / len(gif)
+        if len(kept) > min_frames:
+            kept = evenly_spaced(kept, max(min_frames, int(len(kept) * shrink)))
+        elif rows > 1:
+            rows = max(1, int(rows * shrink))
+        else:
+            kept = evenly_spaced(kept, max(2, int(len(kept) * shrink)))
 
 
 def _shared_config(run_baseline: str | Path, run_sagan: str | Path) -> dict:

@@ -159,7 +159,7 @@ def thread_counts(summary: dict, groups: Iterable[str], separator: str = "/") ->
 
 def spoken_list(items: list[str]) -> str:
     """'a', 'a and b', 'a, b and c'."""
-    return " and ".join(filter(None, [", ".join(items[:-1]), items[-1]])) if items else "an unrecorded machine"
+    return " and ".join(filter(None, [", ".join(items[:-1]), *items[-1:]]))
 
 
 # ---------------------------------------------------------------------------------------------- the two datasets
